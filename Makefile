@@ -1,0 +1,31 @@
+# The README's commands. Each target creates .venv and installs what it needs:
+# the CPU build of torch first (from local disk), then the project.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run test bench install clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)          ## the embedded default: tiny model, CPU, offline, local MLflow + Prefect
+	$(VENV)/bin/grpo run
+
+test: $(STAMP)         ## the test suite (offline, CPU)
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)        ## side-by-side speed against TRL's GRPOTrainer
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf artifacts runs mlflow.db mlartifacts

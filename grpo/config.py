@@ -1,0 +1,376 @@
+"""One validated configuration per run: pydantic models, YAML recipes and `key=value` overrides.
+
+The defaults of `RunConfig` are the embedded default run (tiny model, CPU, offline), which
+`configs/tiny-cpu.yaml` spells out; `configs/qwen2.5-0.5b-countdown.yaml` is the reference recipe.
+`RunConfig` is also the parameter of the finetune flow, so the Prefect UI shows it as a form.
+
+    from grpo.config import load_config
+    cfg = load_config("configs/tiny-cpu.yaml", ["train.group_size=4", "pipeline.rounds=1"])
+
+Every bad value fails here, before any work, with one line that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grpo.errors import ConfigError
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+
+REFERENCE_SYSTEM = (
+    "You are a helpful assistant. You first think about the reasoning process in your mind "
+    "and then provide the user with the answer."
+)
+REFERENCE_USER = (
+    "Using each number in this list only once {nums}, create an equation that equals {target}. "
+    "You can use basic arithmetic operations (+, -, *, /) and each number can only be used once. "
+    "Show your work in <think> </think> tags. And return the final equation and answer in "
+    "<answer> </answer> tags, for example <answer>(1 + 2) / 3</answer>."
+)
+REFERENCE_PREFILL = "Let me solve this step by step.\n<think>"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    """Shape of the tiny Qwen2-architecture model built offline when the base model is missing."""
+
+    hidden_size: int = Field(128, ge=8, description="Model width.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_kv_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
+    intermediate_size: int = Field(384, ge=8, description="Feed-forward width.")
+    seed: int = Field(0, description="Seed of the random weights and of the tokenizer corpus.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    """The base model: a hub id or a local Hugging Face folder."""
+
+    name_or_path: str = Field(
+        "artifacts/tiny-model", description="Hub id (e.g. Qwen/Qwen2.5-0.5B) or local folder."
+    )
+    build_tiny_if_missing: bool = Field(
+        True, description="Build the tiny offline model at `name_or_path` when that folder is missing."
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype; bfloat16 on GPU, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available.")
+
+
+class LoraConfig(Section):
+    """The LoRA adapter that GRPO trains; the base weights stay frozen."""
+
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(64, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS), description="Projection modules to adapt."
+    )
+
+
+class Conversation(Section):
+    """The prompt: chat messages rendered with the tokenizer's chat template.
+
+    `user` may use `{nums}` (a Python list, as the reference recipe writes it), `{nums_plain}`
+    (space-separated) and `{target}`. The assistant prefill ends with `<think>` and the model
+    continues it (`continue_final_message`), so a completion is the text after `<think>`.
+    """
+
+    system: str | None = Field(None, description="System message; None omits it.")
+    user: str = Field("nums: {nums_plain} target: {target}", description="User message template.")
+    assistant_prefill: str = Field("<think>", description="Assistant prefill, ending in <think>.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Conversation:
+        allowed = {"nums", "nums_plain", "target"}
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(self.user) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"user template is not a valid format string ({e})") from None
+        bad = names - allowed
+        if bad:
+            raise ValueError(
+                f"user template uses unknown placeholder(s) {sorted(bad)}; "
+                "use {nums}, {nums_plain} or {target} (double braces for literal ones)"
+            )
+        if not self.assistant_prefill.endswith("<think>"):
+            raise ValueError(
+                "assistant_prefill must end with '<think>' (completions are scored as "
+                "'<think>' + completion)"
+            )
+        return self
+
+
+REFERENCE_CONVERSATION = Conversation(
+    system=REFERENCE_SYSTEM, user=REFERENCE_USER, assistant_prefill=REFERENCE_PREFILL
+)
+
+
+class DataConfig(Section):
+    """Where the Countdown rows come from and how they are split."""
+
+    source: str = Field(
+        "generate",
+        description="'generate' (built offline by grpo.countdown.generate), a local "
+        ".parquet/.jsonl/.json/.csv file, or a Hugging Face dataset id.",
+    )
+    generate_rows: int = Field(6000, ge=10, description="Rows to generate when source=generate.")
+    num_rows: int | None = Field(
+        None, ge=2, description="Rows kept after shuffling (None = all), as the recipe's select(n)."
+    )
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Held-out fraction.")
+    seed: int = Field(42, description="Seed of generation, shuffle and split.")
+    num_count: list[int] = Field(
+        default_factory=lambda: [3, 4], description="How many numbers a problem may have."
+    )
+    number_range: tuple[int, int] = Field((1, 99), description="Inclusive range of the numbers.")
+    target_range: tuple[int, int] = Field((1, 99), description="Inclusive range of the targets.")
+    conversation: Conversation = Field(default_factory=Conversation)
+    cache_dir: str = Field("artifacts/data", description="Prepared splits, cached by their inputs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        for name in ("number_range", "target_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} {[lo, hi]} must be [low, high] with 0 <= low <= high")
+        if not self.num_count or any(not 2 <= k <= 6 for k in self.num_count):
+            raise ValueError(f"num_count {self.num_count} must list sizes between 2 and 6")
+        return self
+
+
+class VLLMConfig(Section):
+    """Options of the vLLM backend (GPU only; the `vllm` extra)."""
+
+    max_num_seqs: int = Field(4, ge=1, description="Concurrent sequences in the engine.")
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="Share of GPU memory.")
+    max_model_len: int = Field(1024, ge=16, description="Prompt + completion tokens.")
+    sleep_mode: bool = Field(True, description="Sleep the engine during training to free memory.")
+
+
+class GenerationConfig(Section):
+    """Sampling of completions during training."""
+
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="Generator.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (also scales log-probs).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling; 1.0 = off.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
+    max_new_tokens: int = Field(48, ge=1, description="Completion length limit.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+
+class TrainConfig(Section):
+    """The GRPO update."""
+
+    prompts_per_step: int = Field(8, ge=1, description="B: prompts per step.")
+    group_size: int = Field(8, description="G: completions per prompt (>= 2).")
+    micro_batch_size: int = Field(
+        32, ge=1, description="Sequences per forward/backward; must divide prompts_per_step * group_size."
+    )
+    learning_rate: float = Field(5e-4, gt=0.0, description="AdamW learning rate.")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="After warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    beta: float = Field(0.0, ge=0.0, description="KL coefficient; 0 skips the reference pass.")
+    epsilon_low: float = Field(0.2, ge=0.0, lt=1.0, description="Lower clip of the ratio.")
+    epsilon_high: float = Field(0.2, ge=0.0, description="Upper clip (clip-higher: > epsilon_low).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field("grpo", description="Loss aggregation.")
+    advantage_scale: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the std of the group, the batch, or not at all."
+    )
+    num_iterations: int = Field(1, ge=1, description="Update epochs per rollout batch.")
+    mask_truncated: bool = Field(False, description="Drop completions that hit max_new_tokens.")
+    rewards: list[str] = Field(
+        default_factory=lambda: ["format", "equation"], description="Reward functions by name."
+    )
+    reward_weights: list[float] | None = Field(None, description="One weight per reward; None = 1s.")
+    seed: int = Field(0, description="Seed of sampling and data order.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size is {self.group_size}; GRPO compares completions within a group, "
+                "so set it to 2 or more"
+            )
+        n = self.prompts_per_step * self.group_size
+        if n % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size {self.micro_batch_size} must divide prompts_per_step * "
+                f"group_size = {n}; pick a divisor of {n}"
+            )
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values but rewards has "
+                f"{len(self.rewards)}; give one weight per reward"
+            )
+        if not self.rewards:
+            raise ValueError("rewards is empty; name at least one reward, e.g. ['format', 'equation']")
+        return self
+
+
+class EvalConfig(Section):
+    """Held-out evaluation after every round."""
+
+    num_problems: int = Field(200, ge=1, description="Held-out problems evaluated (greedy).")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation call.")
+    pass_k: int = Field(0, ge=0, description="k for sampled pass@k (0 = off).")
+    sampled_problems: int = Field(0, ge=0, description="Problems for sampled accuracy (0 = off).")
+    samples_logged: int = Field(16, ge=0, description="Completions kept in the MLflow table.")
+
+
+class SFTConfig(Section):
+    """Optional supervised warm start on solver-written completions (off in the reference recipe)."""
+
+    enabled: bool = Field(False, description="Run the warm start before GRPO.")
+    max_steps: int = Field(200, ge=1, description="Step budget.")
+    max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget; None = steps only.")
+    learning_rate: float = Field(3e-3, gt=0.0, description="AdamW learning rate.")
+    batch_size: int = Field(64, ge=1, description="Examples per step.")
+
+
+class PipelineConfig(Section):
+    """Rounds, outputs and MLflow names."""
+
+    rounds: int = Field(3, ge=1, description="GRPO rounds; each is followed by an evaluation.")
+    steps_per_round: int = Field(10, ge=1, description="GRPO steps per round (= evaluation period).")
+    output_dir: str = Field("runs", description="Checkpoints go to <output_dir>/<run name>/.")
+    experiment: str = Field("grpo-countdown", description="MLflow experiment.")
+    registered_model: str = Field("countdown-lora", description="MLflow registered model name.")
+    champion_alias: str = Field("champion", description="Alias moved by the promote flow.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here."
+    )
+
+
+class RunConfig(Section):
+    """Everything one run needs. Defaults = the embedded default (tiny model, CPU, offline)."""
+
+    name: str = Field("tiny-cpu", description="Run name: MLflow run name and checkpoint folder.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.pipeline.rounds * self.pipeline.steps_per_round
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params and run comparison."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: `field.path: message`, with pydantic's noise removed."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against `grpo run --help` or configs/tiny-cpu.yaml"
+        elif e["type"] == "missing":
+            msg = "required"
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(lines)
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is a value, not a section")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """`["train.group_size=4", "data.conversation.system=null"]` -> nested dict (YAML values)."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.group_size=4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a nested dict; raise `ConfigError` with one line naming each bad field."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config: {format_validation_error(e)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML recipe (None = the embedded default) and apply `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file to --config")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    return build_config(_merge(data, parse_overrides(overrides)))
