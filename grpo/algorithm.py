@@ -1,0 +1,307 @@
+"""The GRPO math: group advantages, per-token log-probs, the clipped loss and one policy update.
+
+Pure torch; the trainer calls one function per phase of a step:
+
+    adv = group_advantages(rewards, group_size=G)                      # (N,)
+    with torch.no_grad():                                              # only if num_iterations > 1
+        old = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    metrics = policy_update(model, opt, r, adv, cfg=cfg.train, temperature=1.0,
+                            max_new_tokens=48, old_logp=old)
+
+Shape legend: B prompts, G group size, N = B*G sequences, T completion tokens, P prompt tokens,
+V vocabulary. Run the tests with `pytest -q tests/test_algorithm.py`.
+
+Departures from the GRPO paper (DeepSeekMath), all as in TRL's GRPOTrainer:
+- the ratio is clipped asymmetrically (`epsilon_low`, `epsilon_high`: DAPO's clip-higher);
+- the loss aggregation is selectable: "grpo" (per-sequence token mean, then mean over sequences,
+  as the paper), "bnpo" (mean over all tokens of the batch), "dr_grpo" (sum / (N * max_new_tokens),
+  Dr. GRPO), and advantages may be scaled by the group std (paper), the batch std, or not at all;
+- the KL term (k3 estimator, as the paper) is only added when `beta > 0`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from grpo.config import TrainConfig
+
+LossType = Literal["grpo", "bnpo", "dr_grpo"]
+AdvantageScale = Literal["group", "batch", "none"]
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale: AdvantageScale = "group", eps: float = 1e-4
+) -> Tensor:
+    """Advantages A = r - mean(r of the group), optionally divided by a standard deviation.
+
+    Rows i*G .. i*G+G-1 form group i. `scale`: "group" divides by (std of the group + eps),
+    "batch" by (std of all N rewards + eps), "none" does not divide (Dr. GRPO). The std is the
+    sample std (Bessel-corrected, `torch.std`'s default), as TRL. A group whose rewards are all
+    equal gets zero advantages.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size is {group_size}; advantages need groups of 2 or more")
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} cannot be split into groups of {group_size}"
+        )
+    r = rewards.float() if not rewards.is_floating_point() else rewards  # (N,)
+    grouped = r.view(-1, group_size)  # (B, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)  # (B, G)
+    elif scale == "batch":
+        centred = centred / (r.std() + eps)  # (B, G)
+    elif scale != "none":
+        raise ValueError(f"scale is {scale!r}; use 'group', 'batch' or 'none'")
+    return centred.reshape(-1)  # (N,)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """log softmax(logits)[index] without building a (N, T, V) log-softmax tensor.
+
+    float32/float64: gather the chosen logits and subtract a row-by-row logsumexp. bfloat16 and
+    float16: logsumexp is too inexact there, so take a log_softmax one row at a time instead.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        chosen = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)  # (N, T)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (N, T)
+        return chosen - lse  # (N, T)
+    rows = []
+    for row_logits, row_index in zip(logits, index):  # (T, V), (T,)
+        row_logp = row_logits.log_softmax(dim=-1)  # (T, V)
+        rows.append(row_logp.gather(-1, row_index.unsqueeze(-1)).squeeze(-1))  # (T,)
+    return torch.stack(rows)  # (N, T)
+
+
+def completion_logprobs(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float = 1.0,
+    micro_batch_size: int | None = None,
+) -> Tensor:
+    """Per-token log-probs (N, T) of the completion tokens under `model`, at `temperature`.
+
+    Prompts are left-padded, completions right-padded; position ids count only real tokens so a
+    padded row gives the same log-probs as the same row alone. Logits are computed for the last
+    T + 1 positions only (`logits_to_keep`). Values at masked completion positions are finite
+    but meaningless. Gradients flow unless the caller wraps this in `torch.no_grad()`.
+    """
+    n = prompt_ids.shape[0]
+    step = micro_batch_size or n
+    chunks = []
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        chunks.append(
+            _forward_logprobs(
+                model,
+                prompt_ids[rows],  # (n, P)
+                prompt_mask[rows],  # (n, P)
+                completion_ids[rows],  # (n, T)
+                completion_mask[rows],  # (n, T)
+                temperature,
+            )
+        )
+    return torch.cat(chunks, dim=0)  # (N, T)
+
+
+def _forward_logprobs(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    temperature: float,
+) -> Tensor:
+    """One forward pass over a block of rows; see `completion_logprobs`."""
+    t = completion_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+T)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()  # (N, P+T)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (N, P+T)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=t + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, -(t + 1) : -1, :]  # (N, T, V): position j predicts completion token j
+    logits = logits / temperature  # (N, T, V)
+    return selective_log_softmax(logits, completion_ids)  # (N, T)
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float,
+    loss_type: LossType,
+    max_new_tokens: int,
+    num_sequences: int | None = None,
+    num_tokens: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped GRPO surrogate (+ beta * k3 KL), aggregated per `loss_type`.
+
+    Per token: ratio = exp(logp - old_logp);
+    loss = -min(ratio * A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * KL,
+    KL = exp(ref - logp) - (ref - logp) - 1. Aggregation over the masked tokens:
+    "grpo" = mean over sequences of each sequence's token mean (a fully masked sequence adds 0
+    but still counts), "bnpo" = sum / number of mask tokens, "dr_grpo" = sum / (N * max_new_tokens).
+
+    For gradient accumulation pass `num_sequences` and `num_tokens` of the WHOLE batch: the
+    losses of its micro-batches then sum to the full-batch loss. Stats are detached masked token
+    means over this call's tokens (weight them by stats["num_tokens"] to combine micro-batches):
+    "kl"; "clip_low" = (ratio < 1 - epsilon_low) & (A < 0) and "clip_high" =
+    (ratio > 1 + epsilon_high) & (A > 0), the tokens whose gradient the clip removes (TRL's
+    definition); "clip_fraction" = either of them.
+    """
+    if beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs); pass it or set beta=0")
+    m = mask.to(logp.dtype)  # (N, T)
+    adv = advantages.to(logp.dtype).unsqueeze(1)  # (N, 1)
+    ratio = torch.exp(logp - old_logp)  # (N, T)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # (N, T)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # (N, T)
+    if ref_logp is not None:
+        delta = ref_logp - logp  # (N, T)
+        kl = torch.exp(delta) - delta - 1  # (N, T)
+        if beta > 0:
+            per_token = per_token + beta * kl  # (N, T)
+    else:
+        kl = torch.zeros_like(logp)  # (N, T)
+
+    n = num_sequences if num_sequences is not None else logp.shape[0]
+    if loss_type == "grpo":
+        seq_mean = (per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (N,)
+        loss = seq_mean.sum() / n  # ()
+    elif loss_type == "bnpo":
+        total = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=m.dtype, device=m.device)  # ()
+        loss = (per_token * m).sum() / total.clamp(min=1.0)  # ()
+    elif loss_type == "dr_grpo":
+        loss = (per_token * m).sum() / (n * max_new_tokens)  # ()
+    else:
+        raise ValueError(f"loss_type is {loss_type!r}; use 'grpo', 'bnpo' or 'dr_grpo'")
+
+    with torch.no_grad():
+        count = m.sum()  # ()
+        denom = count.clamp(min=1.0)  # ()
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(m.dtype)  # (N, T)
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(m.dtype)  # (N, T)
+        stats = {
+            "kl": (kl * m).sum() / denom,  # ()
+            "clip_low": (low * m).sum() / denom,  # ()
+            "clip_high": (high * m).sum() / denom,  # ()
+            "clip_fraction": (torch.maximum(low, high) * m).sum() / denom,  # ()
+            "ratio": (ratio * m).sum() / denom,  # ()
+            "num_tokens": count,  # ()
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def policy_update(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    rollout: Any,
+    advantages: Tensor,
+    *,
+    cfg: TrainConfig,
+    temperature: float,
+    max_new_tokens: int,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    scheduler: Any = None,
+) -> dict[str, float]:
+    """`cfg.num_iterations` optimizer steps on one rollout batch, in micro-batches of
+    `cfg.micro_batch_size` rows whose gradients add up to the full-batch gradient.
+
+    `old_logp` (N, T): the log-probs at sampling time. With `num_iterations == 1` it may be
+    omitted: the detached current log-probs serve (ratio = 1, no extra forward pass). With
+    `num_iterations > 1` compute it once under `torch.no_grad()` before calling. `ref_logp` (N, T)
+    is needed when `cfg.beta > 0`. The caller sets train/eval mode. Returns loss, kl, clip_low,
+    clip_high, clip_fraction, ratio and grad_norm (before clipping), averaged over the epochs.
+    """
+    if cfg.num_iterations > 1 and old_logp is None:
+        raise ValueError(
+            f"num_iterations={cfg.num_iterations} needs old_logp: compute completion_logprobs "
+            "under torch.no_grad() once before the first update and pass it"
+        )
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    keep = (~rollout.truncated.to(device)).unsqueeze(1) if cfg.mask_truncated else None  # (N, 1)
+    mask = rollout.completion_mask.to(device)  # (N, T)
+    mask = mask * keep if keep is not None else mask  # (N, T)
+    num_tokens = float(mask.sum())
+    adv = advantages.to(device)  # (N,)
+    totals: dict[str, float] = {}
+    for _ in range(cfg.num_iterations):
+        epoch = _accumulate_gradients(
+            model, rollout, adv, mask, old_logp, ref_logp, cfg=cfg, temperature=temperature,
+            max_new_tokens=max_new_tokens, num_tokens=num_tokens, device=device,
+        )
+        epoch["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        for k, v in epoch.items():
+            totals[k] = totals.get(k, 0.0) + v / cfg.num_iterations
+    return totals
+
+
+def _accumulate_gradients(
+    model: Any,
+    rollout: Any,
+    adv: Tensor,
+    mask: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    *,
+    cfg: TrainConfig,
+    temperature: float,
+    max_new_tokens: int,
+    num_tokens: float,
+    device: torch.device,
+) -> dict[str, float]:
+    """Forward + backward of every micro-batch of one epoch; returns its summed loss and stats.
+
+    Shapes with a lower-case n are those of one micro-batch (n <= N rows).
+    """
+    n = mask.shape[0]
+    loss_sum = 0.0
+    weighted = {"kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_fraction": 0.0, "ratio": 0.0}
+    for start in range(0, n, cfg.micro_batch_size):
+        rows = slice(start, start + cfg.micro_batch_size)
+        logp = completion_logprobs(
+            model,
+            rollout.prompt_ids[rows].to(device),  # (n, P)
+            rollout.prompt_mask[rows].to(device),  # (n, P)
+            rollout.completion_ids[rows].to(device),  # (n, T)
+            rollout.completion_mask[rows].to(device),  # (n, T)
+            temperature=temperature,
+        )  # (n, T)
+        old = old_logp[rows].to(device) if old_logp is not None else logp.detach()  # (n, T)
+        ref = ref_logp[rows].to(device) if ref_logp is not None else None  # (n, T)
+        loss, stats = grpo_loss(
+            logp, old, ref, adv[rows], mask[rows],
+            epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+            loss_type=cfg.loss_type, max_new_tokens=max_new_tokens,
+            num_sequences=n, num_tokens=num_tokens,
+        )
+        loss.backward()
+        loss_sum += float(loss.detach())
+        for k in weighted:
+            weighted[k] += float(stats[k]) * float(stats["num_tokens"])
+    out = {k: v / max(num_tokens, 1.0) for k, v in weighted.items()}
+    out["loss"] = loss_sum
+    return out
