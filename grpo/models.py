@@ -1,0 +1,390 @@
+"""Base model, tokenizer and LoRA adapter: load them (hub id or local folder) or build a tiny one.
+
+    from grpo.config import load_config
+    from grpo.models import load_policy
+    model, tokenizer = load_policy(load_config())   # builds artifacts/tiny-model on first use
+
+`build_tiny_model` writes an offline stand-in for a real base model: a Qwen2-architecture
+decoder with random weights and a byte-level BPE tokenizer (at most 512 tokens; the synthetic
+Countdown corpus it is trained on yields about 460), saved so that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(dir)` load
+it like any Hugging Face checkpoint. It is deterministic by seed (same bytes twice).
+`python -c "from grpo.models import build_tiny_model; build_tiny_model('artifacts/tiny-model')"`
+builds it by hand. GRPO trains only the LoRA adapter; the base weights stay frozen (the paper
+fine-tunes all weights).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpo.config import REFERENCE_SYSTEM, REFERENCE_USER, LoraConfig, ModelConfig, RunConfig
+from grpo.errors import ConfigError, ModelLoadError
+
+DEFAULT_TINY_PATH = "artifacts/tiny-model"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Qwen2's pre-tokenizer split: words, single digits, punctuation runs, newlines, spaces.
+QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+# --------------------------------------------------------------------------- tiny model
+
+
+def _random_solution(rng: random.Random, nums: list[int]) -> tuple[list[str], str, int]:
+    """Combine `nums` left to right with random valid operations: (steps, expression, value)."""
+    order = list(nums)
+    rng.shuffle(order)
+    acc, expr = order[0], str(order[0])
+    steps: list[str] = []
+    spaced = rng.random() < 0.5
+    for i, b in enumerate(order[1:]):
+        ops = ["+"]
+        if acc > b:
+            ops.append("-")
+        if acc * b <= 9999:
+            ops.append("*")
+        if b and acc % b == 0:
+            ops.append("/")
+        op = rng.choice(ops)
+        value = {"+": acc + b, "-": acc - b, "*": acc * b, "/": acc // b if b else acc}[op]
+        steps.append(f"{acc}{op}{b}={value}")
+        sep = " " if spaced else ""
+        expr = f"{expr}{sep}{op}{sep}{b}"
+        if i < len(order) - 2:
+            expr = f"({expr})"
+        acc = value
+    return steps, expr, acc
+
+
+def tiny_corpus(seed: int, num_problems: int = 2000) -> list[str]:
+    """Synthetic Countdown-style text (prompts, reasoning, answers) for training the tokenizer."""
+    rng = random.Random(seed)
+    lines = [
+        REFERENCE_SYSTEM,
+        "Let me solve this step by step.",
+        "system", "user", "assistant",
+    ]
+    for _ in range(num_problems):
+        nums = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
+        steps, expr, target = _random_solution(rng, nums)
+        plain = " ".join(str(n) for n in nums)
+        lines.append(f"nums: {plain} target: {target}")
+        lines.append(f"{','.join(steps)}</think>\n<answer>{expr}</answer>")
+        if rng.random() < 0.2:
+            lines.append(REFERENCE_USER.format(nums=nums, target=target))
+            lines.append(f" Let me solve this step by step.\n<think> {' '.join(steps)} so {expr} = {target}")
+    # The tags become whole added tokens; keep their characters out of the BPE merges.
+    out = []
+    for line in lines:
+        for tag in TAG_TOKENS:
+            line = line.replace(tag, " ")
+        out.append(line)
+    return out
+
+
+def _train_tokenizer(seed: int, vocab_size: int) -> Any:
+    """A byte-level BPE `PreTrainedTokenizerFast` with ChatML special tokens and tag tokens."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Exactly the pipeline `Qwen2Tokenizer` rebuilds on load (transformers 5 always uses that class
+    # for model_type qwen2): NFC, Qwen's split regex (one token per digit), byte-level bytes.
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(TAG_TOKENS),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tiny_corpus(seed), trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        model_max_length=1024,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 384,
+    vocab_size: int = 512,
+) -> Path:
+    """Build the tiny Qwen2-architecture model + tokenizer into `out_dir` (atomic; replaces it).
+
+    Deterministic: the same arguments give byte-identical `model.safetensors` and `tokenizer.json`.
+    """
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(seed, vocab_size)
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[eos_id, pad_id], pad_token_id=pad_id, bos_token_id=None
+    )
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _looks_local(name: str) -> bool:
+    """True for paths (./x, ../x, /x, ~/x, a/b/c, a/b whose parent folder exists here)."""
+    if name == DEFAULT_TINY_PATH or name.startswith(("./", "../", "/", "~")):
+        return True
+    if os.sep in name or "/" in name:
+        if not _HUB_ID.match(name):
+            return True
+        return Path(name).parent.is_dir()  # "artifacts/foo" next to an existing "artifacts/"
+    return False
+
+
+def ensure_base_model(cfg: ModelConfig) -> str:
+    """Return a loadable `name_or_path`: an existing folder, a freshly built tiny model, or a hub id."""
+    name = cfg.name_or_path
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if _looks_local(name):
+        if not cfg.build_tiny_if_missing:
+            raise ModelLoadError(
+                f"model.name_or_path: folder '{name}' does not exist; point it at a model folder "
+                "or set model.build_tiny_if_missing=true to build the tiny offline model there"
+            )
+        t = cfg.tiny
+        build_tiny_model(
+            path, seed=t.seed, hidden_size=t.hidden_size, num_layers=t.num_layers,
+            num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
+        )
+        return str(path)
+    return name
+
+
+def _load_error(name: str, err: BaseException) -> ModelLoadError:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        why = "not a local folder and not in the Hugging Face cache; offline"
+    else:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        why = f"not a local folder and not fetched from the Hugging Face Hub: {first}"
+    return ModelLoadError(
+        f"model.name_or_path: cannot load '{name}' ({why}). Pass a local folder, "
+        f"e.g. model.name_or_path={DEFAULT_TINY_PATH}"
+    )
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub.errors import HFValidationError
+
+    return (OSError, HFValidationError)
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
+    """AutoTokenizer with a pad token (<|endoftext|> if present, else eos) and left padding."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+    except _load_errors() as e:
+        raise _load_error(name_or_path, e) from None
+    if tokenizer.pad_token is None:
+        vocab = tokenizer.get_vocab()
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is a config error."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "model.device: cuda requested but no CUDA device is visible; set model.device=auto or cpu"
+        )
+    return torch.device(cfg.device)
+
+
+def load_base_model(cfg: ModelConfig) -> Any:
+    """The frozen base model in eval mode, on `resolve_device(cfg)`, in `cfg.dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    name = ensure_base_model(cfg)
+    device = resolve_device(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=cfg.revision, dtype=getattr(torch, cfg.dtype)
+        )
+    except _load_errors() as e:
+        raise _load_error(name, e) from None
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def attach_lora(model: Any, lora: LoraConfig) -> Any:
+    """Wrap `model` in a fresh trainable LoRA adapter (only the adapter's weights train)."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def load_policy(
+    cfg: RunConfig, adapter_dir: str | None = None, *, reuse_base: bool = False
+) -> tuple[Any, Any]:
+    """Base model + trainable adapter (fresh LoRA, or the one saved in `adapter_dir`) and tokenizer.
+
+    `reuse_base=True` takes the base from `cached_base` (see there) instead of loading it again.
+    """
+    from peft import PeftModel
+
+    if reuse_base:
+        base, tokenizer = cached_base(cfg.model)
+    else:
+        name = ensure_base_model(cfg.model)
+        tokenizer = load_tokenizer(name, cfg.model.revision)
+        base = load_base_model(cfg.model)
+    if adapter_dir is None:
+        return attach_lora(base, cfg.lora), tokenizer
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ModelLoadError(
+            f"adapter_dir: '{adapter_dir}' holds no adapter_config.json; pass a folder written by "
+            "PeftModel.save_pretrained (a checkpoint's adapter folder)"
+        )
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    return model, tokenizer
+
+
+def _has_adapter_layers(model: Any) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def cached_base(cfg: ModelConfig, cache: dict[tuple, tuple[Any, Any]] | None = None) -> tuple[Any, Any]:
+    """(base model, tokenizer), loaded once per process and key (name_or_path, revision, dtype, device).
+
+    `get_peft_model` / `PeftModel.from_pretrained` inject adapter layers INTO the base, so a
+    cached base is only handed out again once its previous adapter is gone: call
+    `policy.unload()` (peft: removes the LoRA layers without merging) when done with a policy.
+    If adapter layers are still present, the stale entry is dropped and the base is loaded
+    again from disk, so a caller never gets a base that already carries someone's adapter.
+    Never merge an adapter into a cached base (`merge_and_unload`): that changes its weights.
+    """
+    store = _BASE_CACHE if cache is None else cache
+    name = ensure_base_model(cfg)
+    key = (name, cfg.revision, cfg.dtype, str(resolve_device(cfg)))
+    hit = store.get(key)
+    if hit is not None and not _has_adapter_layers(hit[0]):
+        model, tokenizer = hit
+        model.eval()
+        model.requires_grad_(False)
+        return model, tokenizer
+    store.pop(key, None)
+    tokenizer = load_tokenizer(name, cfg.revision)
+    model = load_base_model(cfg)
+    store[key] = (model, tokenizer)
+    return model, tokenizer
+
+
+def clear_base_cache() -> None:
+    """Forget every cached base model (frees their memory once no one else holds them)."""
+    _BASE_CACHE.clear()
+
+
+_BASE_CACHE: dict[tuple, tuple[Any, Any]] = {}
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end a completion: eos id(s), plus <|im_end|> and <|endoftext|> if present."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for i in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    vocab = tokenizer.get_vocab()
+    for tok in ("<|im_end|>", "<|endoftext|>"):
+        i = vocab.get(tok)
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    return ids

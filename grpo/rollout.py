@@ -1,0 +1,445 @@
+"""Sample G completions per prompt from the current policy: transformers (CPU/GPU) or vLLM (GPU).
+
+    from grpo.rollout import make_generator
+    gen = make_generator(model, tokenizer, cfg.generation, cfg.model)
+    rollout = gen.generate(prompts, num_samples=cfg.train.group_size)   # rows grouped per prompt
+
+`TransformersGenerator` is a lean KV-cached sampling loop (not `model.generate`): each unique
+prompt is prefilled once, its cache is repeated for its G samples, then one token per step is
+decoded for all N rows with left-padding-aware position ids. It samples from the model as given,
+so a `PeftModel` samples with its adapter active. `VLLMGenerator` drives a colocated vLLM engine
+with LoRA: after every update the adapter is saved to a fresh folder and handed to vLLM under a
+new LoRA id; the engine sleeps during training. As in the reference recipe (and unlike the
+paper's separate inference workers), generation and training share one device.
+
+Legend: B prompts, G samples per prompt, N = B*G rows, U unique prompts, P prompt tokens,
+T completion tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from grpo.config import GenerationConfig, ModelConfig
+from grpo.errors import UserError
+from grpo.models import ensure_base_model, stop_token_ids
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled completions; rows i*G .. i*G+G-1 belong to prompt i.
+
+    Tensors live on the model's device; masks are int64 (1 = real token).
+    """
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded with the pad id
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, T) right-padded with the pad id
+    completion_mask: torch.Tensor  # (N, T) 1 up to and including the first stop token
+    texts: list[str]  # decoded completions, special tokens skipped, stop token excluded
+    truncated: torch.Tensor  # (N,) bool: no stop token within max_new_tokens
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.completion_ids.shape[0])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unique(prompts: list[str]) -> tuple[list[str], list[int]]:
+    """Unique prompts in first-seen order and, per prompt, its index among them."""
+    index: dict[str, int] = {}
+    inverse = [index.setdefault(p, len(index)) for p in prompts]
+    return list(index), inverse
+
+
+def tokenize_prompts(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask of already-templated prompts (no extra special tokens)."""
+    enc = tokenizer(
+        prompts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt"
+    )
+    return enc["input_ids"], enc["attention_mask"]  # (U, P), (U, P)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus filtering: dropped tokens get -inf. 0 / 1.0 switch a filter off."""
+    v = logits.shape[-1]
+    if 0 < top_k < v:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # (N, V)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (N, V)
+        probs = sorted_logits.softmax(dim=-1)  # (N, V)
+        mass_before = probs.cumsum(dim=-1) - probs  # (N, V) mass of strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))  # (N, V)
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)  # (N, V)
+    return logits
+
+
+def _completion_texts(
+    tokenizer: Any, ids: list[list[int]], lengths: list[int], stopped: list[bool]
+) -> list[str]:
+    """Decode each row's first `length` tokens, dropping a final stop token, skipping specials."""
+    rows = [row[: n - 1] if s else row[:n] for row, n, s in zip(ids, lengths, stopped)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def _cache_kwarg(model: Any) -> str:
+    """Name of the KV-cache argument of `model.forward` (`cache` in transformers 5.x)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+class TransformersGenerator:
+    """KV-cached sampling with the training model itself (any device; no weight sync needed)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        gen: GenerationConfig,
+        *,
+        stop_ids: list[int] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.gen = gen
+        self.stop_ids = list(stop_token_ids(tokenizer) if stop_ids is None else stop_ids)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.stop_ids[0])
+
+    def sync_weights(self, model: Any) -> None:
+        """Nothing to copy: this backend samples from `model` itself."""
+        self.model = model
+
+    def sleep(self) -> None:
+        """No-op (vLLM frees its memory here)."""
+
+    def wake(self) -> None:
+        """No-op."""
+
+    def generate(
+        self,
+        prompts: list[str],
+        num_samples: int,
+        *,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """`num_samples` completions of each prompt; rows grouped per prompt."""
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()  # no adapter dropout while sampling
+        try:
+            r = self._generate(
+                prompts, num_samples, greedy=greedy,
+                max_new_tokens=self.gen.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                min_new_tokens=min_new_tokens, generator=generator,
+            )
+        finally:
+            if was_training:
+                self.model.train()
+        # Tensors made under inference_mode cannot enter autograd (the loss needs ids and masks):
+        # clone them out of it.
+        return Rollout(
+            prompt_ids=r.prompt_ids.clone(),
+            prompt_mask=r.prompt_mask.clone(),
+            completion_ids=r.completion_ids.clone(),
+            completion_mask=r.completion_mask.clone(),
+            texts=r.texts,
+            truncated=r.truncated.clone(),
+        )
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        prompts: list[str],
+        g: int,
+        *,
+        greedy: bool,
+        max_new_tokens: int,
+        min_new_tokens: int,
+        generator: torch.Generator | None,
+    ) -> Rollout:
+        from peft import PeftModel
+        from transformers import DynamicCache
+
+        if not prompts or g < 1 or max_new_tokens < 1:
+            raise ValueError("generate needs at least one prompt, num_samples >= 1, max_new_tokens >= 1")
+        model = self.model
+        # The adapter layers live inside the base module tree, so calling the base applies them.
+        net = model.get_base_model() if isinstance(model, PeftModel) else model
+        device = next(net.parameters()).device
+        min_new_tokens = min(min_new_tokens, max_new_tokens)
+
+        uniq, inverse = _unique(prompts)
+        u_ids, u_mask = tokenize_prompts(self.tokenizer, uniq)  # (U, P), (U, P)
+        u_ids, u_mask = u_ids.to(device), u_mask.to(device)
+        rows = torch.tensor(inverse, device=device).repeat_interleave(g)  # (N,) unique prompt per row
+        prompt_ids = u_ids.index_select(0, rows)  # (N, P)
+        prompt_mask = u_mask.index_select(0, rows)  # (N, P)
+        n = prompt_ids.shape[0]
+
+        # Prefill each unique prompt once; only the last position's logits are computed.
+        u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
+        cache = DynamicCache(config=net.config)
+        cache_kw = _cache_kwarg(net)
+        out = net(
+            input_ids=u_ids, attention_mask=u_mask, position_ids=u_pos,
+            use_cache=True, logits_to_keep=1, **{cache_kw: cache},
+        )
+        logits = out.logits[:, -1, :].float().index_select(0, rows)  # (N, V)
+        if n != u_ids.shape[0] or inverse != list(range(len(inverse))):
+            cache.reorder_cache(rows)  # (U, ...) -> (N, ...) per layer
+        del out
+
+        stop = torch.tensor(self.stop_ids, device=device)  # (S,)
+        attn = prompt_mask  # (N, P + t)
+        next_pos = u_pos[:, -1].index_select(0, rows) + 1  # (N,)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)  # (N,)
+        lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)  # (N,)
+        steps: list[torch.Tensor] = []
+        ones = torch.ones(n, 1, dtype=attn.dtype, device=device)  # (N, 1)
+        for t in range(max_new_tokens):
+            if t < min_new_tokens:
+                logits = logits.index_fill(1, stop, float("-inf"))  # (N, V)
+            token = self._pick(logits, greedy, generator)  # (N,)
+            token = torch.where(finished, torch.full_like(token, self.pad_id), token)  # (N,)
+            steps.append(token)
+            hit = torch.isin(token, stop) & ~finished  # (N,)
+            lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)  # (N,)
+            finished = finished | hit  # (N,)
+            if t == max_new_tokens - 1 or bool(finished.all()):
+                break
+            attn = torch.cat([attn, ones], dim=1)  # (N, P + t + 1)
+            out = net(
+                input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                use_cache=True, logits_to_keep=1, **{cache_kw: cache},
+            )
+            logits = out.logits[:, -1, :].float()  # (N, V)
+            next_pos = next_pos + 1  # (N,)
+
+        completion_ids = torch.stack(steps, dim=1)  # (N, T)
+        t_len = completion_ids.shape[1]
+        completion_mask = (
+            torch.arange(t_len, device=device)[None, :] < lengths[:, None]
+        ).long()  # (N, T)
+        texts = _completion_texts(
+            self.tokenizer, completion_ids.tolist(), lengths.clamp(max=t_len).tolist(), finished.tolist()
+        )
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            texts=texts,
+            truncated=~finished,
+        )
+
+    def _pick(self, logits: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+        """Next token per row: argmax, or a sample after temperature, top-k and top-p."""
+        if greedy:
+            return logits.argmax(dim=-1)  # (N,)
+        logits = filter_logits(logits / self.gen.temperature, self.gen.top_k, self.gen.top_p)  # (N, V)
+        probs = logits.softmax(dim=-1)  # (N, V)
+        if generator is not None and generator.device != probs.device:
+            picked = torch.multinomial(probs.to(generator.device), 1, generator=generator)  # (N, 1)
+            return picked[:, 0].to(probs.device)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (N,)
+
+
+# --------------------------------------------------------------------------- vLLM
+
+VLLM_MISSING = "generation.backend=vllm needs the vllm extra: pip install 'grpo-pipeline[vllm]' (GPU only)"
+_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class VLLMGenerator:
+    """A colocated vLLM engine that samples with the current LoRA adapter.
+
+    `engine_factory`, `sampling_params_cls` and `lora_request_cls` default to `vllm.LLM`,
+    `vllm.SamplingParams` and `vllm.lora.request.LoRARequest`; tests pass fakes.
+    Call `sync_weights(model)` after every optimizer step, `sleep()` before training and
+    `wake()` after it (both no-ops unless `generation.vllm.sleep_mode`).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        gen: GenerationConfig,
+        model_cfg: ModelConfig,
+        *,
+        engine_factory: Callable[..., Any] | None = None,
+        sampling_params_cls: Callable[..., Any] | None = None,
+        lora_request_cls: Callable[..., Any] | None = None,
+        adapter_root: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if engine_factory is None or sampling_params_cls is None or lora_request_cls is None:
+            try:
+                import vllm
+                from vllm.lora.request import LoRARequest
+            except ImportError:
+                raise UserError(VLLM_MISSING) from None
+            engine_factory = engine_factory or vllm.LLM
+            sampling_params_cls = sampling_params_cls or vllm.SamplingParams
+            lora_request_cls = lora_request_cls or LoRARequest
+        self.tokenizer = tokenizer
+        self.gen = gen
+        self.sampling_params_cls = sampling_params_cls
+        self.lora_request_cls = lora_request_cls
+        self.stop_ids = stop_token_ids(tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.stop_ids[0])
+        self.sleep_mode = gen.vllm.sleep_mode
+        self.sleeping = False
+        self._own_root = adapter_root is None
+        self.adapter_root = Path(adapter_root or tempfile.mkdtemp(prefix="grpo-vllm-lora-"))
+        self.adapter_root.mkdir(parents=True, exist_ok=True)
+        self.lora_request: Any = None
+        self._lora_id = 0
+
+        self.device = next(model.parameters()).device
+        rank = _lora_rank(model)
+        base = ensure_base_model(model_cfg)
+        v = gen.vllm
+        self.llm = engine_factory(
+            model=base,
+            tokenizer=base,
+            revision=model_cfg.revision,
+            dtype=model_cfg.dtype,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            max_model_len=v.max_model_len,
+            max_num_seqs=v.max_num_seqs,
+            enable_lora=True,
+            max_loras=1,
+            max_lora_rank=next((r for r in _LORA_RANKS if r >= rank), rank),
+            enable_sleep_mode=v.sleep_mode,
+            seed=seed,
+        )
+        self.sync_weights(model)
+
+    def sync_weights(self, model: Any) -> None:
+        """Save the adapter to a fresh folder and point a new LoRA id at it (vLLM caches by id)."""
+        self._lora_id += 1
+        folder = self.adapter_root / f"adapter-{self._lora_id:06d}"
+        model.save_pretrained(str(folder))
+        previous = self.lora_request
+        self.lora_request = self.lora_request_cls(f"policy-{self._lora_id}", self._lora_id, str(folder))
+        if previous is not None:
+            shutil.rmtree(self.adapter_root / f"adapter-{self._lora_id - 1:06d}", ignore_errors=True)
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for training (weights to CPU, KV cache dropped)."""
+        if self.sleep_mode and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake(self) -> None:
+        """Bring the engine back after training."""
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def close(self) -> None:
+        """Drop the engine and the adapter folders this generator created."""
+        self.llm = None
+        if self._own_root:
+            shutil.rmtree(self.adapter_root, ignore_errors=True)
+
+    def sampling_params(
+        self, num_samples: int, *, greedy: bool, max_new_tokens: int, min_new_tokens: int, seed: int | None
+    ) -> Any:
+        g = self.gen
+        return self.sampling_params_cls(
+            n=num_samples,
+            temperature=0.0 if greedy else g.temperature,
+            top_p=1.0 if greedy else g.top_p,
+            top_k=-1 if greedy or g.top_k == 0 else g.top_k,
+            max_tokens=max_new_tokens,
+            min_tokens=min(min_new_tokens, max_new_tokens),
+            seed=seed,
+            stop_token_ids=list(self.stop_ids),
+        )
+
+    def generate(
+        self,
+        prompts: list[str],
+        num_samples: int,
+        *,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Rollout:
+        """`num_samples` completions of each prompt from the engine; rows grouped per prompt."""
+        if self.sleeping:
+            self.wake()
+        max_new = self.gen.max_new_tokens if max_new_tokens is None else max_new_tokens
+        seed = None
+        if generator is not None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+        params = self.sampling_params(
+            num_samples, greedy=greedy, max_new_tokens=max_new, min_new_tokens=min_new_tokens, seed=seed
+        )
+        uniq, inverse = _unique(prompts)
+        u_ids, u_mask = tokenize_prompts(self.tokenizer, uniq)  # (U, P), (U, P)
+        token_lists = [ids[m.bool()].tolist() for ids, m in zip(u_ids, u_mask)]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": token_lists[i]} for i in inverse],
+            sampling_params=params,
+            lora_request=self.lora_request,
+            use_tqdm=False,
+        )
+        rows = torch.tensor(inverse).repeat_interleave(num_samples)  # (N,)
+        completions = [list(c.token_ids) for o in outputs for c in o.outputs]
+        reasons = [c.finish_reason for o in outputs for c in o.outputs]
+        n = len(completions)
+        if n != len(prompts) * num_samples:
+            raise RuntimeError(f"vLLM returned {n} completions for {len(prompts)} prompts x {num_samples}")
+        t_len = max(1, max(len(c) for c in completions))
+        completion_ids = torch.full((n, t_len), self.pad_id, dtype=torch.long)  # (N, T)
+        completion_mask = torch.zeros((n, t_len), dtype=torch.long)  # (N, T)
+        for i, c in enumerate(completions):
+            completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            completion_mask[i, : len(c)] = 1
+        stop_set = set(self.stop_ids)
+        stopped = [bool(c) and c[-1] in stop_set for c in completions]
+        texts = _completion_texts(self.tokenizer, completions, [len(c) for c in completions], stopped)
+        dev = self.device
+        return Rollout(
+            prompt_ids=u_ids.index_select(0, rows).to(dev),
+            prompt_mask=u_mask.index_select(0, rows).to(dev),
+            completion_ids=completion_ids.to(dev),
+            completion_mask=completion_mask.to(dev),
+            texts=texts,
+            truncated=torch.tensor([r == "length" for r in reasons], dtype=torch.bool, device=dev),
+        )
+
+
+def _lora_rank(model: Any) -> int:
+    """The rank of the model's active LoRA adapter (16 when it carries none)."""
+    configs = getattr(model, "peft_config", None) or {}
+    ranks = [int(getattr(c, "r", 0)) for c in configs.values()]
+    return max(ranks, default=0) or 16
+
+
+def make_generator(model: Any, tokenizer: Any, gen: GenerationConfig, model_cfg: ModelConfig) -> Any:
+    """The generator `gen.backend` names: `TransformersGenerator` or `VLLMGenerator`."""
+    if gen.backend == "vllm":
+        return VLLMGenerator(model, tokenizer, gen, model_cfg)
+    return TransformersGenerator(model, tokenizer, gen)
