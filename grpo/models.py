@@ -145,8 +145,14 @@ def build_tiny_model(
     num_kv_heads: int = 2,
     intermediate_size: int = 384,
     vocab_size: int = 512,
+    init_std: float = 0.02,
 ) -> Path:
     """Build the tiny Qwen2-architecture model + tokenizer into `out_dir` (atomic; replaces it).
+
+    `init_std` is the std of the random weights (`initializer_range`). With the default 0.02 and
+    tied embeddings the untrained model's logits stay within a fraction of a unit, so an adapter
+    alone cannot concentrate its output distribution; a larger value (e.g. 0.2) gives a random
+    model whose adapter can learn token-level rewards quickly (the GRPO learning test uses it).
 
     Deterministic: the same arguments give byte-identical `model.safetensors` and `tokenizer.json`.
     """
@@ -170,6 +176,7 @@ def build_tiny_model(
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         use_cache=True,
+        initializer_range=init_std,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -294,8 +301,12 @@ def load_base_model(cfg: ModelConfig) -> Any:
     return model
 
 
-def attach_lora(model: Any, lora: LoraConfig) -> Any:
-    """Wrap `model` in a fresh trainable LoRA adapter (only the adapter's weights train)."""
+def attach_lora(model: Any, lora: LoraConfig, seed: int = 0) -> Any:
+    """Wrap `model` in a fresh trainable LoRA adapter (only the adapter's weights train).
+
+    The adapter's random initialisation is drawn from `seed` (the global RNG is left as it was),
+    so two runs with the same seed start from the same adapter.
+    """
     import peft
 
     config = peft.LoraConfig(
@@ -306,7 +317,9 @@ def attach_lora(model: Any, lora: LoraConfig) -> Any:
         task_type="CAUSAL_LM",
         bias="none",
     )
-    return peft.get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, config)
 
 
 def load_policy(
@@ -325,7 +338,7 @@ def load_policy(
         tokenizer = load_tokenizer(name, cfg.model.revision)
         base = load_base_model(cfg.model)
     if adapter_dir is None:
-        return attach_lora(base, cfg.lora), tokenizer
+        return attach_lora(base, cfg.lora, seed=cfg.train.seed), tokenizer
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ModelLoadError(
             f"adapter_dir: '{adapter_dir}' holds no adapter_config.json; pass a folder written by "

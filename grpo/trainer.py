@@ -1,0 +1,278 @@
+"""The GRPO loop: one step reads as named phases, and every step is reproducible on its own.
+
+    trainer = GRPOTrainer(cfg, model, tokenizer, train_rows)
+    trainer.train(num_steps=10, on_step=print)
+
+One step: sample -> score -> advantages -> old/reference log-probs -> loss + optimizer step ->
+sync weights to the generator (see `GRPOTrainer.step`).
+
+Resumability: the data order is a seeded permutation per epoch, and the random state at the start
+of step `s` is seeded from (train.seed, s). A step therefore depends only on the adapter weights,
+the optimizer and scheduler state and the step number, which is exactly what a checkpoint holds:
+N steps straight and N/2 + save + load + N/2 give the same adapter.
+
+Departures from the paper: the reference policy is the base model with the adapter disabled (no
+second copy of the weights); with one update epoch the "old" log-probs are the detached current
+ones, so no extra forward pass is made (the ratio is 1 and the gradient is the policy gradient).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from grpo.algorithm import completion_logprobs, group_advantages, policy_update
+from grpo.config import RunConfig
+from grpo.countdown import build_prompt
+from grpo.rewards import get_rewards
+from grpo.rollout import Rollout, make_generator
+
+RewardFn = Callable[..., list[float]]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one step: distinct per (seed, step), stable across processes."""
+    return (seed * 1_000_003 + step * 7_919 + 17) % 2**31
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then constant or cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            span = max(1, total_steps - warmup_steps)
+            progress = min(1.0, (step - warmup_steps) / span)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Batch:
+    """B prompts of one step: their rendered prompts and the dataset columns rewards need."""
+
+    indices: list[int]
+    prompts: list[str]
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+
+    def repeat(self, group_size: int) -> dict[str, list[Any]]:
+        """Columns repeated per completion: row i*G + j belongs to prompt i."""
+        return {k: [v for v in vals for _ in range(group_size)] for k, vals in self.columns.items()}
+
+
+def score(
+    texts: Sequence[str],
+    columns: dict[str, list[Any]],
+    reward_fns: Sequence[tuple[str, RewardFn]],
+    weights: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the reward functions -> (N,) total and (N,) per function.
+
+    Each reward is called as `fn(texts, **columns)`: the dataset columns repeated per completion,
+    plus `completion_ids` (the token ids of each completion, as in TRL).
+    """
+    per_fn = {
+        name: torch.tensor(fn(list(texts), **columns), dtype=torch.float32)  # (N,)
+        for name, fn in reward_fns
+    }
+    weights = weights or [1.0] * len(reward_fns)
+    total = sum(w * per_fn[name] for w, (name, _) in zip(weights, reward_fns))  # (N,)
+    return total, per_fn
+
+
+class GRPOTrainer:
+    """GRPO on a LoRA-adapted causal LM; the policy is `model` (a peft model)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        train_rows: Any,
+        *,
+        generator: Any = None,
+        reward_fns: Sequence[tuple[str, RewardFn]] | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.rows = train_rows
+        self.generator = generator or make_generator(model, tokenizer, cfg.generation, cfg.model)
+        self.reward_fns = list(reward_fns or get_rewards(cfg.train.rewards))
+        t = cfg.train
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters; attach a LoRA adapter first")
+        self.optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.total_steps = total_steps or cfg.total_steps
+        self.scheduler = make_scheduler(self.optimizer, t.lr_schedule, t.warmup_steps, self.total_steps)
+        self.step_count = 0
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Counters a checkpoint stores next to the adapter, optimizer and scheduler."""
+        return {"step": self.step_count, "data_position": self.step_count * self.cfg.train.prompts_per_step}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step"])
+
+    # -- phases ------------------------------------------------------------------------------
+
+    def next_batch(self) -> Batch:
+        """B rows in a seeded per-epoch order; the position is derived from the step count."""
+        b, n = self.cfg.train.prompts_per_step, len(self.rows)
+        indices = []
+        for pos in range(self.step_count * b, (self.step_count + 1) * b):
+            epoch, i = divmod(pos, n)
+            if epoch != self._perm_epoch:
+                self._perm = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n).tolist()
+                self._perm_epoch = epoch
+            indices.append(self._perm[i])
+        rows = self.rows.select(indices)
+        conv = self.cfg.data.conversation
+        prompts = [build_prompt(self.tokenizer, r["nums"], r["target"], conv) for r in rows]
+        columns = {c: list(rows[c]) for c in rows.column_names}
+        return Batch(indices, prompts, columns)
+
+    def sample(self, batch: Batch, seed: int) -> Rollout:
+        gen = torch.Generator(device=self.generator_device).manual_seed(seed)
+        self.model.eval()  # no LoRA dropout while sampling
+        return self.generator.generate(batch.prompts, self.cfg.train.group_size, generator=gen)
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        t = self.cfg.train
+        return group_advantages(rewards, t.group_size, scale=t.advantage_scale)  # (N,)
+
+    @torch.no_grad()
+    def old_and_reference_logprobs(
+        self, rollout: Rollout
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Old log-probs only for several update epochs; reference only when beta > 0."""
+        t, temp = self.cfg.train, self.cfg.generation.temperature
+        args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+        old = ref = None
+        if t.num_iterations > 1:
+            self.model.train()
+            old = completion_logprobs(self.model, *args, temperature=temp, micro_batch_size=t.micro_batch_size)
+        if t.beta > 0:
+            with self.model.disable_adapter():
+                ref = completion_logprobs(self.model, *args, temperature=temp, micro_batch_size=t.micro_batch_size)
+        return old, ref  # (N, T) each, or None
+
+    def update(
+        self, rollout: Rollout, adv: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None
+    ) -> dict[str, float]:
+        self.model.train()
+        return policy_update(
+            self.model,
+            self.optimizer,
+            rollout,
+            adv,
+            cfg=self.cfg.train,
+            temperature=self.cfg.generation.temperature,
+            max_new_tokens=self.cfg.generation.max_new_tokens,
+            old_logp=old,
+            ref_logp=ref,
+            scheduler=self.scheduler,
+        )
+
+    @property
+    def generator_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One GRPO step; returns its metrics (also `step`, 1-based after the update)."""
+        t0 = time.perf_counter()
+        seed = step_seed(self.cfg.train.seed, self.step_count)
+        torch.manual_seed(seed)
+        batch = self.next_batch()
+        rollout = self.sample(batch, seed)  # texts: N = B*G
+        t_gen = time.perf_counter() - t0
+        columns = batch.repeat(self.cfg.train.group_size)
+        columns["completion_ids"] = [
+            ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)
+        ]
+        rewards, per_fn = score(rollout.texts, columns, self.reward_fns, self.cfg.train.reward_weights)  # (N,)
+        adv = self.advantages(rewards)  # (N,)
+        old, ref = self.old_and_reference_logprobs(rollout)
+        update = self.update(rollout, adv.to(self.generator_device), old, ref)
+        self.generator.sync_weights(self.model)
+        self.step_count += 1
+        elapsed = time.perf_counter() - t0
+        return {
+            "step": self.step_count,
+            **self.rollout_metrics(rollout, rewards, per_fn),
+            **update,
+            "lr": self.scheduler.get_last_lr()[0],
+            "step_time_s": elapsed,
+            "generation_time_s": t_gen,
+            "completion_tokens_per_s": float(rollout.completion_mask.sum()) / max(t_gen, 1e-9),
+        }
+
+    def rollout_metrics(
+        self, rollout: Rollout, rewards: torch.Tensor, per_fn: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        g = self.cfg.train.group_size
+        lengths = rollout.completion_mask.sum(dim=1).float()  # (N,)
+        group_std = rewards.view(-1, g).std(dim=1)  # (B,)
+        out = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "frac_zero_std_groups": (group_std < 1e-6).float().mean().item(),
+            "completion_length_mean": lengths.mean().item(),
+            "completion_length_max": lengths.max().item(),
+            "truncated_fraction": rollout.truncated.float().mean().item(),
+        }
+        for name, values in per_fn.items():
+            out[f"reward/{name}"] = values.mean().item()
+        return out
+
+    def train(
+        self,
+        num_steps: int,
+        *,
+        on_step: Callable[[dict[str, float]], None] | None = None,
+        every: int = 0,
+        callback: Callable[[GRPOTrainer], None] | None = None,
+        progress: bool = True,
+    ) -> list[dict[str, float]]:
+        """Run `num_steps` steps; `on_step(metrics)` after each, `callback(self)` every `every`."""
+        history = []
+        bar = tqdm(total=num_steps, desc="GRPO", unit="step", disable=not progress, dynamic_ncols=True)
+        for _ in range(num_steps):
+            metrics = self.step()
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            if on_step:
+                on_step(metrics)
+            if callback and every and self.step_count % every == 0:
+                callback(self)
+        bar.close()
+        return history
