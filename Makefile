@@ -21,7 +21,9 @@ install: $(STAMP)
 run: $(STAMP)          ## the embedded default: tiny model, CPU, offline, local MLflow + Prefect
 	$(VENV)/bin/grpo run
 
-test: $(STAMP)         ## the test suite (offline, CPU)
+test: $(STAMP)         ## the test suite (offline, CPU); browser tests use Debian's chromium
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium could not be installed: the browser tests will skip"
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)        ## side-by-side speed against TRL's GRPOTrainer

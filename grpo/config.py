@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grpo.errors import ConfigError
 
@@ -212,13 +212,17 @@ class TrainConfig(Section):
     reward_weights: list[float] | None = Field(None, description="One weight per reward; None = 1s.")
     seed: int = Field(0, description="Seed of sampling and data order.")
 
+    @field_validator("group_size")
+    @classmethod
+    def _group_of_two(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(
+                f"group_size is {v}; GRPO compares completions within a group, so set it to 2 or more"
+            )
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.group_size < 2:
-            raise ValueError(
-                f"group_size is {self.group_size}; GRPO compares completions within a group, "
-                "so set it to 2 or more"
-            )
         n = self.prompts_per_step * self.group_size
         if n % self.micro_batch_size:
             raise ValueError(
@@ -253,6 +257,8 @@ class SFTConfig(Section):
     max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget; None = steps only.")
     learning_rate: float = Field(3e-3, gt=0.0, description="AdamW learning rate.")
     batch_size: int = Field(64, ge=1, description="Examples per step.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps before the cosine decay.")
+    seed: int = Field(0, description="Seed of the example order.")
 
 
 class PipelineConfig(Section):
