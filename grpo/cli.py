@@ -1,0 +1,258 @@
+"""The `grpo` command: run the pipeline, promote, evaluate, prepare data, build the tiny model.
+
+    grpo run                                  # the embedded default: tiny model, CPU, offline
+    grpo run --config configs/qwen2.5-0.5b-countdown.yaml --set pipeline.rounds=5
+    grpo promote [--model NAME] [--version N] [--alias champion]
+    grpo eval --model models:/countdown-lora@champion
+    grpo data [--config FILE]                 # prepare (or reuse) the splits, print where they are
+    grpo tiny-model DIR [--seed 0]
+    grpo compare [--experiment grpo-countdown]
+
+`grpo run` runs the finetune flow, then the promote flow, against Prefect (its temporary local
+server unless PREFECT_API_URL is set) and MLflow (sqlite:///mlflow.db here unless
+MLFLOW_TRACKING_URI or pipeline.tracking_uri says otherwise), and prints where to look.
+
+Every mistake a user can make (config, data, paths, model, servers) ends as one line
+`error: <message>` on stderr with exit status 2, before any training: the config is validated
+and the preflight checks run before Prefect is even imported. Prefect is imported lazily inside
+the commands that need it, so `grpo --help` is fast; the environment defaults below are set first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+from grpo.errors import UserError
+
+ENV_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline, the temporary server stalls on telemetry
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_env_defaults(environ: MutableMapping[str, str], cwd: Path) -> None:
+    """Quiet, offline-safe defaults, and a project-local PREFECT_HOME (<cwd>/.prefect), unless set."""
+    for key, value in ENV_DEFAULTS.items():
+        environ.setdefault(key, value)
+    environ.setdefault("PREFECT_HOME", str(cwd / ".prefect"))
+
+
+# ----------------------------------------------------------------------------------- parser
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", metavar="FILE", default=None,
+        help="YAML recipe (default: the embedded default, spelled out in configs/tiny-cpu.yaml).",
+    )
+    p.add_argument(
+        "--set", metavar="KEY=VALUE", dest="overrides", action="extend", nargs="+", default=[],
+        help="Override a config field, e.g. --set train.group_size=4 pipeline.rounds=1 (repeatable).",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grpo",
+        description="GRPO fine-tuning of LoRA adapters as Prefect flows with MLflow tracking and registry.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "run", help="Run the finetune flow, then promote (the embedded default with no arguments).",
+        description="Run the finetune flow (prepare data, train rounds, evaluate, register elite "
+        "adapters), then the promote flow. With no --config: the embedded default (tiny model, CPU, "
+        "offline). Config fields: see configs/tiny-cpu.yaml.",
+    )
+    _add_config_args(p)
+    p.add_argument("--no-promote", action="store_true", help="Skip the promote flow.")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "promote", help="Move the champion alias to the best registered adapter if it is as good.",
+        description="Re-evaluate the best (or the named) version and the current champion on the "
+        "same held-out split, and move the alias only when the candidate is at least as accurate.",
+    )
+    p.add_argument("--model", default=None, help="Registered model (default: pipeline.registered_model).")
+    p.add_argument("--version", type=int, default=None, help="Candidate version (default: best by eval accuracy).")
+    p.add_argument("--alias", default=None, help="Alias to move (default: pipeline.champion_alias).")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser(
+        "eval", help="Evaluate a registered adapter on its held-out split.",
+        description="Download a registered adapter and evaluate it greedily on the held-out split it "
+        "was evaluated on, with its run's settings (or --config/--set).",
+    )
+    p.add_argument("--model", required=True, metavar="URI", help="models:/NAME@ALIAS or models:/NAME/VERSION.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="Prepare (or reuse) the train/test splits and print where they are.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("tiny-model", help="Build the tiny offline model (weights + tokenizer) in DIR.")
+    p.add_argument("dir", metavar="DIR", help="Output folder.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of weights and tokenizer corpus (default: 0).")
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser(
+        "compare", add_help=False, help="Compare the runs of an MLflow experiment (table + plot).",
+    )
+    p.set_defaults(func=cmd_compare)  # main() hands `grpo compare ...` to grpo.compare's parser
+    return parser
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from grpo.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _call_flow(flow: Any, **params: Any) -> Any:
+    """Run a flow in this process; a `UserError` raised inside comes out as itself (one line)."""
+    state = flow(**params, return_state=True)
+    if state.is_failed() or state.is_crashed() or state.is_cancelled():
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as e:  # noqa: BLE001 - the result itself may fail to load
+            exc = e
+        if isinstance(exc, BaseException):
+            raise exc
+        raise RuntimeError(f"flow {flow.name} ended {state.type.value}: {state.message}")
+    return state.result()
+
+
+def _version_of(uri: str, model_uri: str) -> tuple[str, str]:
+    """(name, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
+    from grpo import tracking
+    from grpo.errors import ConfigError
+
+    rest = model_uri.removeprefix("models:/")
+    if rest == model_uri or not rest:
+        raise ConfigError(f"--model {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        version = tracking.get_alias_version(uri, name, alias)
+        if version is None:
+            raise ConfigError(f"--model {model_uri!r}: alias {alias!r} is not set; run `grpo promote` first")
+        return name, version
+    name, _, version = rest.rpartition("/")
+    if not name or not version.isdigit():
+        raise ConfigError(f"--model {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, version
+
+
+# ----------------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from grpo import stages
+
+    cfg = _config(args)
+    stages.preflight(cfg)  # one line on any bad input, before Prefect starts
+    from flows.finetune import finetune
+    from flows.promote import promote
+
+    summary = _call_flow(finetune, config=cfg)
+    decision = None
+    if not args.no_promote and summary["versions"]:
+        decision = _call_flow(promote, config=cfg)
+    uri = summary["tracking_uri"]
+    name = summary["registered_model"]
+    print()
+    print(f"finished run {summary['run_id']}: {len(summary['rounds'])} rounds, step {summary['final_step']}, "
+          f"registered versions {summary['versions'] or 'none'}")
+    for row in summary["rounds"]:
+        print(f"  round {row['round']}: step {row['step']}, eval accuracy {row['eval_accuracy']:.3f}"
+              + (f", version {row['version']}" if row["version"] else ""))
+    if decision is not None:
+        print(f"promotion: {decision['decision']} v{decision['candidate']} ({decision['reason']})")
+    print("where to look:")
+    if uri.startswith(("http://", "https://")):
+        print(f"  MLflow UI:  {uri}/#/experiments/{summary['experiment_id']}/runs/{summary['run_id']}")
+    else:
+        print(f"  MLflow UI:  mlflow ui --backend-store-uri {uri}")
+    print(f"  run id:     {summary['run_id']} (experiment {summary['experiment']})")
+    if decision is not None and decision["champion"] is not None:
+        print(f"  model:      {decision['model_uri']} (version {decision['champion']})")
+    elif summary["versions"]:
+        print(f"  model:      models:/{name}/{summary['versions'][-1]}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    cfg = _config(args) if (args.config or args.overrides) else None
+    from grpo import tracking
+
+    tracking.check_tracking(tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri if cfg else None))
+    from flows.promote import promote
+
+    decision = _call_flow(promote, model_name=args.model, version=args.version, alias=args.alias, config=cfg)
+    print(json.dumps(decision, indent=2, default=str))
+    print(f"{decision['model_uri']} -> version {decision['champion']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from grpo import stages, tracking
+
+    cfg = _config(args) if (args.config or args.overrides) else None
+    uri = tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri if cfg else None)
+    tracking.check_tracking(uri)
+    name, version = _version_of(uri, args.model)
+    test_path, eval_cfg = stages.held_out(uri, name, version, cfg)
+    result = stages.evaluate_version(uri, name, version, test_path, eval_cfg, cfg)
+    print(json.dumps({"model": args.model, "version": version, "test_path": test_path,
+                      **result.metrics(prefix="")}, indent=2))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from grpo.countdown import prepare_dataset
+
+    ref = prepare_dataset(_config(args).data)
+    print(ref.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from grpo.models import build_tiny_model
+
+    print(build_tiny_model(args.dir, seed=args.seed))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
+    from grpo.compare import main_compare  # its own parser: `grpo compare --help`
+
+    return main_compare(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `grpo` / `python -m grpo`; returns the exit status."""
+    set_env_defaults(os.environ, Path.cwd())
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["compare"]:  # grpo.compare parses its own options
+            return int(cmd_compare(argparse.Namespace(), argv[1:]) or 0)
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Prefect tasks of the data stage: the preflight checks and the prepared, cached splits.
+
+    from tasks.data import prepare_dataset
+    ref = prepare_dataset.fn(cfg)        # DatasetRef; a second call with the same config reuses it
+
+The splits are cached on disk by their inputs (`grpo.countdown.prepare_dataset`), so a rerun of
+the flow with the same data config reuses them (`ref.reused` is True) instead of regenerating.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from grpo import countdown, stages
+from grpo.config import RunConfig
+from tasks.retry import BACKOFF_SECONDS, RETRIES, retry_unless_user_error
+
+
+@task(name="preflight", cache_policy=NO_CACHE)
+def preflight(config: RunConfig) -> None:
+    """Fail before any work, in one line, on anything the user can fix (no retries)."""
+    stages.preflight(config)
+
+
+@task(
+    name="prepare-dataset",
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+def prepare_dataset(config: RunConfig) -> countdown.DatasetRef:
+    """Train/test splits on disk with their content hash; reused when the inputs are unchanged."""
+    return countdown.prepare_dataset(config.data)

@@ -1,0 +1,56 @@
+"""Prefect tasks of the evaluation stage: a checkpoint of the run, or a registered version.
+
+    from tasks.evaluate import evaluate
+    result = evaluate.fn(cfg, ckpt_ref, dataset_ref, run_id, tracking_uri)   # EvalResult
+
+Metrics go to the MLflow run at the checkpoint's step (once, even when retried) with a table of
+sample completions.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from grpo import stages
+from grpo.checkpoint import CheckpointRef
+from grpo.config import EvalConfig, RunConfig
+from grpo.countdown import DatasetRef
+from grpo.evaluate import EvalResult
+from tasks.retry import BACKOFF_SECONDS, RETRIES, retry_unless_user_error
+
+
+@task(
+    name="evaluate",
+    task_run_name="evaluate-step-{ckpt_ref.step}",
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+def evaluate(
+    config: RunConfig, ckpt_ref: CheckpointRef, dataset_ref: DatasetRef, run_id: str, tracking_uri: str
+) -> EvalResult:
+    """Greedy held-out accuracy of a checkpoint, logged to the MLflow run."""
+    return stages.evaluate_checkpoint(config, ckpt_ref, dataset_ref, run_id, tracking_uri)
+
+
+@task(
+    name="evaluate-version",
+    task_run_name="evaluate-version-{version}",
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+def evaluate_version(
+    tracking_uri: str,
+    model_name: str,
+    version: str,
+    test_path: str,
+    eval_config: EvalConfig | None = None,
+    config: RunConfig | None = None,
+) -> EvalResult:
+    """Re-evaluate a registered version on a held-out split (for promotion)."""
+    return stages.evaluate_version(tracking_uri, model_name, version, test_path, eval_config, config)

@@ -1,0 +1,87 @@
+"""Prefect tasks around MLflow: the run of a flow run, elite registration, promotion decisions.
+
+    from tasks.registry import register_elite
+    info = register_elite.fn(cfg, ckpt_ref, eval_result, run_id, tracking_uri)
+    # {"version": "3" | None, "elite": bool, "best_accuracy": float, "created": bool}
+
+`register_elite` is idempotent: a retried call finds the version registered for (run, step) by
+its `elite_key` tag and never creates a second one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from grpo import stages
+from grpo.checkpoint import CheckpointRef
+from grpo.config import EvalConfig, RunConfig
+from grpo.countdown import DatasetRef
+from grpo.evaluate import EvalResult
+from tasks.retry import BACKOFF_SECONDS, RETRIES, retry_unless_user_error
+
+_RETRY = dict(
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+
+
+@task(name="open-mlflow-run", **_RETRY)
+def open_run(config: RunConfig, tracking_uri: str, flow_run_id: str | None = None) -> str:
+    """The MLflow run of this flow run (found again when the flow run is retried); its id."""
+    return stages.open_run(config, tracking_uri, flow_run_id)
+
+
+@task(name="close-mlflow-run", **_RETRY)
+def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED", title: str | None = None) -> None:
+    """Log the curves and end the MLflow run with `status`."""
+    stages.close_run(tracking_uri, run_id, status, title)
+
+
+@task(name="register-elite", task_run_name="register-elite-step-{ckpt_ref.step}", **_RETRY)
+def register_elite(
+    config: RunConfig,
+    ckpt_ref: CheckpointRef,
+    eval_result: EvalResult,
+    run_id: str,
+    tracking_uri: str,
+    flow_run_id: str | None = None,
+    dataset_ref: DatasetRef | None = None,
+) -> dict[str, Any]:
+    """Register the checkpoint when it beats the run's best so far (once per run and step)."""
+    return stages.register_elite(
+        config, ckpt_ref, eval_result, run_id, tracking_uri, flow_run_id, dataset_ref
+    )
+
+
+@task(name="promotion-candidates", **_RETRY)
+def promotion_candidates(
+    tracking_uri: str, model_name: str, version: int | None, alias: str, metric: str
+) -> dict[str, Any]:
+    """The candidate version (named, or best by `metric`) and the current holder of `alias`."""
+    return stages.promotion_candidates(tracking_uri, model_name, version, alias, metric)
+
+
+@task(name="held-out-split", **_RETRY)
+def held_out(
+    tracking_uri: str, model_name: str, version: str, config: RunConfig | None
+) -> tuple[str, EvalConfig]:
+    """The held-out split the candidate was evaluated on, and the eval settings to compare with."""
+    return stages.held_out(tracking_uri, model_name, version, config)
+
+
+@task(name="decide-promotion", **_RETRY)
+def decide_promotion(
+    tracking_uri: str,
+    candidates: dict[str, Any],
+    candidate_result: EvalResult,
+    champion_result: EvalResult | None,
+    test_path: str,
+) -> dict[str, Any]:
+    """Move the alias when the candidate is at least as good; tag both versions with the outcome."""
+    return stages.decide_promotion(tracking_uri, candidates, candidate_result, champion_result, test_path)

@@ -1,0 +1,29 @@
+"""Retry policy shared by the pipeline's Prefect tasks.
+
+    @task(retries=RETRIES, retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
+          retry_condition_fn=retry_unless_user_error)
+
+A `grpo.errors.UserError` (config, data, path) does not heal by waiting, so it is never retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpo.errors import UserError
+
+RETRIES = 2
+"""Retries of the tasks that do work (a third attempt after two failures)."""
+BACKOFF_SECONDS = 1.0
+"""First retry delay; each later retry waits twice as long."""
+
+
+def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry any failure except a `UserError`."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except BaseException:
+        return True
+    return True

@@ -1,0 +1,47 @@
+"""Prefect tasks of the training stage: the optional warm start and one GRPO round.
+
+    from tasks.train import train_round
+    ckpt = train_round.fn(cfg, dataset_ref, 0, run_id, tracking_uri)   # CheckpointRef
+
+A retry resumes: `train_round` continues from the newest complete checkpoint of the run and does
+not log a metric step twice; after a finished round it returns that round's checkpoint at once.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from grpo import stages
+from grpo.checkpoint import CheckpointRef
+from grpo.config import RunConfig
+from grpo.countdown import DatasetRef
+from tasks.retry import BACKOFF_SECONDS, RETRIES, retry_unless_user_error
+
+
+@task(
+    name="warm-start",
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+def warm_start(config: RunConfig, dataset_ref: DatasetRef, run_id: str, tracking_uri: str) -> str:
+    """Supervised warm start (sft.enabled); returns the folder of the warm-started base model."""
+    return stages.warm_start(config, dataset_ref, run_id, tracking_uri)
+
+
+@task(
+    name="train-round",
+    task_run_name="train-round-{round_index}",
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+def train_round(
+    config: RunConfig, dataset_ref: DatasetRef, round_index: int, run_id: str, tracking_uri: str
+) -> CheckpointRef:
+    """`pipeline.steps_per_round` GRPO steps from the run's newest checkpoint; returns the new one."""
+    return stages.train_round(config, dataset_ref, round_index, run_id, tracking_uri)

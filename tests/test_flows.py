@@ -1,0 +1,228 @@
+"""The finetune and promote flows end to end under one Prefect test harness, on the tiny model.
+
+    pytest -q tests/test_flows.py
+
+Checks what lands in MLflow (params, per-step metrics once each, eval metrics at round ends,
+registered versions with their tags, the champion alias) and in Prefect (artifacts, tags, task
+retries), that `models:/NAME@champion` loads with peft and generates, and that a fault injected
+once inside `train_round` is retried by Prefect and resumed without a repeated metric step or a
+second model version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from mlflow import MlflowClient
+
+from grpo import stages, tracking
+from grpo.checkpoint import checkpoint_ref
+from grpo.config import RunConfig, load_config
+
+TINY = [
+    "generation.max_new_tokens=16",
+    "train.prompts_per_step=2",
+    "train.group_size=4",
+    "train.micro_batch_size=8",
+    "eval.num_problems=8",
+    "eval.batch_size=8",
+    "eval.samples_logged=4",
+    "data.generate_rows=200",
+    "pipeline.rounds=2",
+    "pipeline.steps_per_round=2",
+]
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, uri: str, name: str, *extra: str) -> RunConfig:
+    return load_config(None, [
+        *TINY,
+        f"model.name_or_path={model_dir}",
+        "model.build_tiny_if_missing=false",
+        f"pipeline.output_dir={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'data'}",
+        f"pipeline.tracking_uri={uri}",
+        f"pipeline.experiment=exp-{name}",
+        f"pipeline.registered_model=lora-{name}",
+        *extra,
+    ])
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def flow_artifacts(flow_run_id: str) -> dict[str, list]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
+        )
+    out: dict[str, list] = {}
+    for a in found:
+        out.setdefault(a.key or "", []).append(a)
+    return out
+
+
+def task_runs(flow_run_id: str) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+        return {t.name: t for t in runs}
+
+
+def test_finetune_then_promote(
+    tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str, prefect_harness: None, capsys: pytest.CaptureFixture
+) -> None:
+    from flows.finetune import finetune
+    from flows.promote import promote
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, mlflow_uri, "e2e")
+    summary = finetune(config=cfg)
+    client = MlflowClient(mlflow_uri)
+    run_id = summary["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.group_size"] == "4" and run.data.params["pipeline.rounds"] == "2"
+    assert run.data.tags[stages.FLOW_RUN_TAG] == summary["flow_run_id"]
+    for key in ("reward_mean", "loss", "reward/format", "reward/equation"):
+        assert metric_steps(client, run_id, key) == [1, 2, 3, 4], key
+    assert metric_steps(client, run_id, "eval/accuracy") == [2, 4]
+    artifacts = {f.path for f in client.list_artifacts(run_id, "eval")}
+    assert artifacts == {"eval/samples_step_000002.json", "eval/samples_step_000004.json"}
+    assert {f.path for f in client.list_artifacts(run_id, "plots")} == {"plots/curves.png"}
+
+    versions = client.search_model_versions("name = 'lora-e2e'")
+    assert versions and summary["versions"] == sorted(str(v.version) for v in versions)
+    assert all(v.tags["step"] in {"2", "4"} and v.tags["run_id"] == run_id for v in versions)
+    assert [r["step"] for r in summary["rounds"]] == [2, 4]
+
+    # Prefect: the run carries the MLflow run id, the artifacts are there.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as pc:
+        assert f"mlflow_run_id:{run_id}" in pc.read_flow_run(UUID(summary["flow_run_id"])).tags
+    arts = flow_artifacts(summary["flow_run_id"])
+    assert {"grpo-progress", "grpo-summary", "mlflow-run"} <= set(arts)
+    table = arts["grpo-summary"][0].data
+    assert "| 1 | 2 |" in table and "| 2 | 4 |" in table and run_id in table
+    assert arts["grpo-progress"][0].data == 100.0
+    assert "mlflow ui --backend-store-uri" in arts["mlflow-run"][0].data
+
+    decision = promote(config=cfg)
+    assert decision["moved"] and decision["champion_before"] is None
+    champion = tracking.get_alias_version(mlflow_uri, "lora-e2e", "champion")
+    assert champion == decision["champion"] == decision["candidate"]
+    assert client.get_model_version("lora-e2e", champion).tags["promotion_decision"] == "promoted"
+    assert "grpo-promotion" in flow_artifacts(str(_last_flow_run_id("grpo-promote")))
+
+    # Promoting again: the champion keeps the alias (nothing better), the decision is recorded.
+    again = promote(config=cfg)
+    assert not again["moved"] and again["champion"] == champion
+
+    # The champion's adapter loads onto its base with peft and generates.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tracking.download_model(mlflow_uri, "models:/lora-e2e@champion", tmp_path / "dl")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok("nums: 1 2 3 target: 6", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    # ... and it is the adapter of the checkpoint at the version's step.
+    from safetensors.torch import load_file
+
+    step = int(client.get_model_version("lora-e2e", champion).tags["step"])
+    saved = load_file(stages.run_dir(cfg, run_id) / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors")
+    downloaded = load_file(adapter / "adapter_model.safetensors")
+    assert saved.keys() == downloaded.keys() and saved
+    assert all(torch.equal(saved[k], downloaded[k]) for k in saved)
+
+    # `grpo eval` on the champion prints its held-out metrics.
+    from grpo.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--model", "models:/lora-e2e@champion", "--set", f"pipeline.tracking_uri={mlflow_uri}",
+                 *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert '"accuracy"' in printed and f'"version": "{champion}"' in printed
+
+
+def _last_flow_run_id(flow_name: str) -> UUID:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            sort=FlowRunSort.START_TIME_DESC, limit=1,
+        )
+    return runs[0].id
+
+
+def test_fault_in_train_round_is_retried_and_resumed(
+    tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.finetune import finetune
+    from tasks.registry import register_elite
+
+    marker = tmp_path / "fault-marker"
+    monkeypatch.setenv(stages.FAULT_ENV, f"3:{marker}")
+    cfg = tiny_config(tmp_path, tiny_model_dir, mlflow_uri, "retry")
+    summary = finetune(config=cfg)
+    assert marker.exists()  # the fault did happen, after step 3 was logged
+
+    runs = task_runs(summary["flow_run_id"])
+    assert runs["train-round-1"].run_count == 2 and runs["train-round-1"].state.is_completed()
+    assert runs["train-round-0"].run_count == 1
+
+    client = MlflowClient(mlflow_uri)
+    run_id = summary["run_id"]
+    for key in ("reward_mean", "loss", "lr"):
+        assert metric_steps(client, run_id, key) == [1, 2, 3, 4], key  # each step once
+    assert metric_steps(client, run_id, "eval/accuracy") == [2, 4]
+    assert summary["final_step"] == 4
+
+    versions = client.search_model_versions("name = 'lora-retry'")
+    keys = [v.tags[tracking.KEY_TAG] for v in versions]
+    assert keys and len(keys) == len(set(keys))
+    # register_elite run again for the first round: the same version, no new one.
+    ckpt = checkpoint_ref(stages.run_dir(cfg, run_id) / "checkpoints" / "step-000002")
+    result = stages.evaluate_checkpoint(cfg, ckpt, _dataset(cfg), run_id, mlflow_uri, progress=False)
+    again = register_elite.fn(cfg, ckpt, result, run_id, mlflow_uri, summary["flow_run_id"])
+    assert again["version"] == summary["versions"][0] and not again["created"]
+    assert len(client.search_model_versions("name = 'lora-retry'")) == len(versions)
+
+
+def _dataset(cfg: RunConfig):
+    from grpo.countdown import prepare_dataset
+
+    return prepare_dataset(cfg.data)
+
+
+def test_bad_input_inside_the_flow_is_the_user_error(
+    tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str, prefect_harness: None
+) -> None:
+    from flows.finetune import finetune
+    from grpo.cli import _call_flow
+    from grpo.errors import TrackingError
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = tiny_config(tmp_path, tiny_model_dir, dead, "dead")
+    with pytest.raises(TrackingError, match=f"^pipeline.tracking_uri: MLflow at {dead} does not answer"):
+        _call_flow(finetune, config=cfg)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

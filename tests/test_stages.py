@@ -1,0 +1,230 @@
+"""Pipeline tasks through `.fn()` (their logic, no Prefect run) against a real sqlite MLflow store.
+
+    pytest -q tests/test_stages.py
+
+Covers: the data cache (a second prepare reuses the files), a round that trains to the right step
+and a repeated round that returns at once (no new metric rows, checkpoint untouched, even with an
+empty model cache), evaluation logged once at the checkpoint's step with its sample table, and an
+elite registration that a repeated call does not duplicate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from grpo import stages, tracking
+from grpo.config import RunConfig, load_config
+
+TINY = [
+    "generation.max_new_tokens=16",
+    "train.prompts_per_step=2",
+    "train.group_size=4",
+    "train.micro_batch_size=8",
+    "eval.num_problems=8",
+    "eval.batch_size=8",
+    "eval.samples_logged=4",
+    "data.generate_rows=200",
+    "pipeline.rounds=2",
+    "pipeline.steps_per_round=2",
+]
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, uri: str, name: str, *extra: str) -> RunConfig:
+    return load_config(None, [
+        *TINY,
+        f"model.name_or_path={model_dir}",
+        "model.build_tiny_if_missing=false",
+        f"pipeline.output_dir={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'data'}",
+        f"pipeline.tracking_uri={uri}",
+        f"pipeline.experiment=exp-{name}",
+        f"pipeline.registered_model=lora-{name}",
+        *extra,
+    ])
+
+
+def test_tiny_cpu_yaml_is_the_embedded_default() -> None:
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
+    assert load_config(path) == RunConfig()
+    spelled = RunConfig.model_validate(yaml.safe_load(path.read_text())).model_fields_set
+    assert spelled == set(RunConfig.model_fields)  # every section written out
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in d.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return out
+
+    assert keys(yaml.safe_load(path.read_text())) == set(RunConfig().flat())
+
+
+def test_prepare_twice_reuses_the_files(tmp_path: Path) -> None:
+    from tasks.data import prepare_dataset
+
+    cfg = load_config(None, ["data.generate_rows=200", f"data.cache_dir={tmp_path / 'data'}"])
+    first = prepare_dataset.fn(cfg)
+    assert not first.reused and first.train_rows + first.test_rows == 200
+    mtimes = {p: Path(p).stat().st_mtime_ns for p in (first.train_path, first.test_path)}
+    second = prepare_dataset.fn(cfg)
+    assert second.reused
+    assert (second.train_path, second.test_path, second.content_hash) == (
+        first.train_path, first.test_path, first.content_hash
+    )
+    assert {p: Path(p).stat().st_mtime_ns for p in mtimes} == mtimes
+    other = prepare_dataset.fn(cfg.model_copy(update={"data": cfg.data.model_copy(update={"seed": 7})}))
+    assert not other.reused and other.content_hash != first.content_hash
+
+
+def test_round_eval_register_are_idempotent(tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str) -> None:
+    from tasks.data import prepare_dataset
+    from tasks.evaluate import evaluate
+    from tasks.registry import open_run, register_elite
+    from tasks.train import train_round
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, mlflow_uri, "stages")
+    client = MlflowClient(mlflow_uri)
+    ref = prepare_dataset.fn(cfg)
+    run_id = open_run.fn(cfg, mlflow_uri, None)
+    assert client.get_run(run_id).data.params["train.group_size"] == "4"
+
+    ckpt = train_round.fn(cfg, ref, 0, run_id, mlflow_uri)
+    assert (ckpt.step, ckpt.round) == (2, 0)
+    assert Path(ckpt.path) == stages.run_dir(cfg, run_id) / "checkpoints" / "step-000002"
+    history = [(m.step, m.value) for m in client.get_metric_history(run_id, "reward_mean")]
+    assert sorted(s for s, _ in history) == [1, 2]
+    weights = Path(ckpt.path) / "adapter_model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+
+    # The same round again: the checkpoint is returned, nothing is trained or logged.
+    stages.POLICY_CACHE.clear()
+    again = train_round.fn(cfg, ref, 0, run_id, mlflow_uri)
+    assert again == ckpt
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "reward_mean")] == history
+    assert weights.stat().st_mtime_ns == mtime
+    assert [p.name for p in (Path(ckpt.path).parent).iterdir()] == ["step-000002"]
+
+    result = evaluate.fn(cfg, ckpt, ref, run_id, mlflow_uri)
+    assert result.step == 2 and result.n == 8
+    evaluate.fn(cfg, ckpt, ref, run_id, mlflow_uri)  # a retry logs nothing new
+    acc = client.get_metric_history(run_id, "eval/accuracy")
+    assert [(m.step, m.value) for m in acc] == [(2, result.accuracy)]
+    files = [f.path for f in client.list_artifacts(run_id, "eval")]
+    assert files == ["eval/samples_step_000002.json"]
+
+    first = register_elite.fn(cfg, ckpt, result, run_id, mlflow_uri, "flow-1", ref)
+    assert first["elite"] and first["created"] and first["version"] == "1"
+    second = register_elite.fn(cfg, ckpt, result, run_id, mlflow_uri, "flow-1", ref)
+    assert second["version"] == "1" and not second["created"]
+    versions = client.search_model_versions("name = 'lora-stages'")
+    assert len(versions) == 1
+    tags = versions[0].tags
+    assert tags["step"] == "2" and tags["run_id"] == run_id and tags["prefect_flow_run_id"] == "flow-1"
+    assert tags["dataset_hash"] == ref.content_hash and tags["test_path"] == ref.test_path
+    assert float(tags["eval_accuracy"]) == result.accuracy
+    assert tags["base_model"] == str(tiny_model_dir.absolute())
+
+    # A later evaluation that is not better than the best so far is not registered.
+    not_better = result.model_copy(update={"step": 4, "accuracy": result.accuracy})
+    later = ckpt.model_copy(update={"step": 4, "round": 1})
+    assert register_elite.fn(cfg, later, not_better, run_id, mlflow_uri) == {
+        "version": None, "elite": False, "best_accuracy": result.accuracy, "created": False
+    }
+    assert len(client.search_model_versions("name = 'lora-stages'")) == 1
+
+
+def test_summary_markdown_has_one_row_per_round() -> None:
+    rows = [
+        {"round": 1, "step": 2, "train_reward": 0.25, "eval_accuracy": 0.0, "eval_format_rate": 0.5,
+         "elite": True, "version": "1"},
+        {"round": 2, "step": 4, "train_reward": None, "eval_accuracy": 0.125, "eval_format_rate": 0.5,
+         "elite": False, "version": None},
+    ]
+    text = stages.summary_markdown(rows, "run")
+    table = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert table == [
+        "| 1 | 2 | 0.250 | 0.000 | 0.500 | yes | 1 |",
+        "| 2 | 4 | - | 0.125 | 0.500 | no | - |",
+    ]
+
+
+def test_fault_hook_parses_step_and_marker(tmp_path: Path) -> None:
+    assert stages._fault_hook({}) is None
+    assert stages._fault_hook({stages.FAULT_ENV: f"3:{tmp_path / 'm'}"}) == (3, tmp_path / "m")
+
+
+def test_mlflow_pointer() -> None:
+    url, note = stages.mlflow_pointer("http://127.0.0.1:5000/", "7", "abc")
+    assert url == "http://127.0.0.1:5000/#/experiments/7/runs/abc" and url in note
+    url, note = stages.mlflow_pointer("sqlite:////x/mlflow.db", "7", "abc")
+    assert url is None and "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in note
+
+
+@pytest.mark.parametrize("field", ["pipeline.output_dir", "data.cache_dir"])
+def test_preflight_names_an_unwritable_folder(tmp_path: Path, field: str) -> None:
+    from grpo.errors import ConfigError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = load_config(None, [
+        f"pipeline.output_dir={tmp_path / 'out'}",
+        f"data.cache_dir={tmp_path / 'data'}",
+        f"{field}={blocker / 'sub'}",
+        f"pipeline.tracking_uri=sqlite:///{tmp_path}/m.db",
+    ])
+    with pytest.raises(ConfigError, match=f"^{field}: cannot write"):
+        stages.preflight(cfg)
+
+
+def test_warm_start_saves_a_base_once(tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from tasks.data import prepare_dataset
+    from tasks.registry import open_run
+    from tasks.train import warm_start
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, mlflow_uri, "sft", "sft.enabled=true", "sft.max_steps=2",
+                      "sft.batch_size=8", "sft.warmup_steps=0")
+    ref = prepare_dataset.fn(cfg)
+    run_id = open_run.fn(cfg, mlflow_uri, None)
+    folder = Path(warm_start.fn(cfg, ref, run_id, mlflow_uri))
+    assert folder == stages.run_dir(cfg, run_id) / "sft" and (folder / "config.json").is_file()
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(folder / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the weights were trained
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert Path(warm_start.fn(cfg, ref, run_id, mlflow_uri)) == folder  # reused, not retrained
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "sft/loss")]
+    assert steps == [1, 2]
+    based = stages.with_base(cfg, str(folder))
+    assert based.model.name_or_path == str(folder) and not based.model.build_tiny_if_missing
+
+
+def test_open_run_finds_the_run_of_a_retried_flow_run(tmp_path: Path, mlflow_uri: str) -> None:
+    cfg = load_config(None, ["pipeline.experiment=exp-reopen"])
+    run_id = stages.open_run(cfg, mlflow_uri, "flow-run-a")
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(run_id).data.tags[stages.FLOW_RUN_TAG] == "flow-run-a"
+    tracking.end_run(mlflow_uri, run_id, "FAILED")
+    assert stages.open_run(cfg, mlflow_uri, "flow-run-a") == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert stages.open_run(cfg, mlflow_uri, "flow-run-b") != run_id
+    assert stages.run_config(mlflow_uri, run_id) == cfg
+
+
+def test_user_errors_are_not_retried() -> None:
+    from prefect.states import Failed
+
+    from grpo.errors import ConfigError, DataError
+    from tasks.retry import retry_unless_user_error
+
+    assert retry_unless_user_error(None, None, Failed(data=RuntimeError("disk hiccup")))
+    assert retry_unless_user_error(None, None, Failed(data=OSError("I/O error")))
+    assert not retry_unless_user_error(None, None, Failed(data=ConfigError("train.group_size: ...")))
+    assert not retry_unless_user_error(None, None, Failed(data=DataError("data.source: ...")))
