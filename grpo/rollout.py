@@ -84,6 +84,49 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+SAMPLERS = ("multinomial", "inverse_cdf")
+
+
+def pick_tokens(
+    logits: Tensor,
+    greedy: bool,
+    generator: torch.Generator | None,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    sampler: str = "multinomial",
+) -> Tensor:
+    """Next token per row: argmax, or a draw from softmax(logits / temperature) after top-k and
+    top-p (`filter_logits`).
+
+    sampler="multinomial" is exactly `TransformersGenerator._pick` (torch.multinomial; on CPU it
+    draws V exponentials per row). sampler="inverse_cdf" draws the same categorical distribution
+    from ONE uniform per row (searchsorted in the float64 cumulative distribution): ~15x cheaper
+    per step on CPU, but a different random stream, so its tokens differ from the plain path's.
+    """
+    if greedy:
+        return logits.argmax(dim=-1)  # (N,)
+    if temperature != 1.0:  # x / 1.0 == x: skipping the division changes no bit
+        logits = logits / temperature  # (N, V)
+    logits = filter_logits(logits, top_k, top_p)  # (N, V)
+    probs = logits.softmax(dim=-1)  # (N, V)
+    if sampler == "inverse_cdf":
+        cdf = probs.double().cumsum_(dim=-1)  # (N, V) nondecreasing; flat over dropped tokens
+        gen_dev = generator.device if generator is not None else probs.device
+        u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator, device=gen_dev)  # (N, 1)
+        total = cdf[:, -1:]  # (N, 1)
+        # u * total < total, so the first index whose cdf exceeds it is a token of positive mass.
+        below = torch.nextafter(total, torch.zeros_like(total))  # (N, 1) largest float < total
+        value = torch.minimum(u.to(probs.device) * total, below)  # (N, 1)
+        return torch.searchsorted(cdf, value, right=True)[:, 0]  # (N,)
+    if sampler != "multinomial":
+        raise ValueError(f"sampler is {sampler!r}; use one of {SAMPLERS}")
+    if generator is not None and generator.device != probs.device:
+        picked = torch.multinomial(probs.to(generator.device), 1, generator=generator)  # (N, 1)
+        return picked[:, 0].to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (N,)
+
+
 def _completion_texts(
     tokenizer: Any, ids: list[list[int]], lengths: list[int], stopped: list[bool]
 ) -> list[str]:
@@ -251,14 +294,8 @@ class TransformersGenerator:
 
     def _pick(self, logits: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
         """Next token per row: argmax, or a sample after temperature, top-k and top-p."""
-        if greedy:
-            return logits.argmax(dim=-1)  # (N,)
-        logits = filter_logits(logits / self.gen.temperature, self.gen.top_k, self.gen.top_p)  # (N, V)
-        probs = logits.softmax(dim=-1)  # (N, V)
-        if generator is not None and generator.device != probs.device:
-            picked = torch.multinomial(probs.to(generator.device), 1, generator=generator)  # (N, 1)
-            return picked[:, 0].to(probs.device)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (N,)
+        g = self.gen
+        return pick_tokens(logits, greedy, generator, g.temperature, g.top_k, g.top_p, g.sampler)  # (N,)
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -439,7 +476,14 @@ def _lora_rank(model: Any) -> int:
 
 
 def make_generator(model: Any, tokenizer: Any, gen: GenerationConfig, model_cfg: ModelConfig) -> Any:
-    """The generator `gen.backend` names: `TransformersGenerator` or `VLLMGenerator`."""
+    """The generator `gen.backend` names: `VLLMGenerator`, or for transformers the fast path
+    (`grpo.fastpath.FastGenerator`) when `gen.fast_path` and the model is a supported Qwen2,
+    else `TransformersGenerator`."""
     if gen.backend == "vllm":
         return VLLMGenerator(model, tokenizer, gen, model_cfg)
+    if gen.fast_path:
+        from grpo.fastpath import FastGenerator, supports  # fastpath imports this module
+
+        if supports(model):
+            return FastGenerator(model, tokenizer, gen)
     return TransformersGenerator(model, tokenizer, gen)

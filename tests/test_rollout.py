@@ -254,7 +254,11 @@ def test_filter_logits_reference() -> None:
 
 def test_make_generator_backends(policy, cfg: RunConfig) -> None:
     model, tok = policy
-    assert isinstance(make_generator(model, tok, cfg.generation, cfg.model), TransformersGenerator)
+    from grpo.fastpath import FastGenerator
+
+    assert isinstance(make_generator(model, tok, cfg.generation, cfg.model), FastGenerator)
+    plain = cfg.generation.model_copy(update={"fast_path": False})
+    assert isinstance(make_generator(model, tok, plain, cfg.model), TransformersGenerator)
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed; the missing-extra message cannot be checked")
     vllm_cfg = cfg.generation.model_copy(update={"backend": "vllm"})

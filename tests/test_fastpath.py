@@ -1,0 +1,461 @@
+"""The Qwen2 fast path against the plain Hugging Face path: log-probs, loss gradients, sampling.
+
+Run: `pytest -q tests/test_fastpath.py`. Two random Qwen2 models (hidden 64 / 2 layers as the
+benchmark's tiny one, and the project's tiny model), each with a LoRA whose B is randomised so
+the adapter changes the output. The plain path (`grpo.algorithm.completion_logprobs`,
+`grpo.rollout.TransformersGenerator`) and an unpadded per-row forward are the references.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from grpo.algorithm import completion_logprobs, grpo_loss
+from grpo.config import GenerationConfig, LoraConfig, ModelConfig
+from grpo.fastpath import (
+    FastGenerator,
+    FastQwen2,
+    completion_logprobs_fast,
+    linear,
+    onednn_linear_available,
+    pick_tokens,
+    selective_head_logprobs,
+    supports,
+    unsupported_reason,
+)
+from grpo.models import attach_lora, build_tiny_model, load_base_model, load_tokenizer, stop_token_ids
+from grpo.rollout import TransformersGenerator
+
+PROMPTS = [
+    "nums: 1 2 3 target: 6\n",
+    "nums: 93 4 68 target: 29, and a much longer prompt than the others\n",
+    "x",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The machine's cores are shared: one intra-op thread is faster and steadier here."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bench_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The benchmark's tiny shape: hidden 64, 2 layers, 4 heads, 2 kv heads."""
+    return build_tiny_model(
+        tmp_path_factory.mktemp("fast") / "tiny64", seed=1, hidden_size=64, num_layers=2,
+        num_heads=4, num_kv_heads=2, intermediate_size=128,
+    )
+
+
+@pytest.fixture(scope="module", params=["bench_tiny", "project_tiny"])
+def policy(request: pytest.FixtureRequest, bench_tiny_dir: Path, tiny_model_dir: Path) -> tuple[Any, Any]:
+    """(peft model with a random, non-zero LoRA in eval mode, tokenizer)."""
+    path = bench_tiny_dir if request.param == "bench_tiny" else tiny_model_dir
+    tok = load_tokenizer(str(path))
+    base = load_base_model(ModelConfig(name_or_path=str(path), build_tiny_if_missing=False, device="cpu"))
+    model = attach_lora(base, LoraConfig(r=8, alpha=32, dropout=0.1), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    model.eval()
+    return model, tok
+
+
+def batch(tok: Any, group: int = 3, t: int = 9, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Left-padded prompts of different lengths, `group` rows each, random completions whose
+    masks end at random lengths (right-padded with the pad id after the last kept token)."""
+    enc = tok(PROMPTS, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    rows = torch.arange(len(PROMPTS)).repeat_interleave(group)  # (N,)
+    prompt_ids, prompt_mask = enc["input_ids"][rows], enc["attention_mask"][rows]  # (N, P)
+    gen = torch.Generator().manual_seed(seed)
+    n = rows.numel()
+    completion_ids = torch.randint(0, len(tok), (n, t), generator=gen)  # (N, T)
+    lengths = torch.randint(1, t + 1, (n,), generator=gen)  # (N,)
+    lengths[0] = t
+    completion_mask = (torch.arange(t)[None, :] < lengths[:, None]).long()  # (N, T)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tok.pad_token_id)
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def unpadded_logprobs(model: Any, prompt_ids, prompt_mask, completion_ids, completion_mask) -> list[torch.Tensor]:
+    """Independent reference: each row alone, without padding, full log_softmax."""
+    out = []
+    with torch.no_grad():
+        for p, pm, c, cm in zip(prompt_ids, prompt_mask, completion_ids, completion_mask):
+            real_p, real_c = p[pm.bool()], c[cm.bool()]
+            ids = torch.cat([real_p, real_c])[None]  # (1, L)
+            logits = model(input_ids=ids).logits[0, len(real_p) - 1 : -1]  # (Tc, V)
+            out.append(logits.log_softmax(-1).gather(-1, real_c[:, None])[:, 0])  # (Tc,)
+    return out
+
+
+# --------------------------------------------------------------------------- log-probs
+
+
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_logprobs_match_plain_path(policy, share_prompts: bool) -> None:
+    model, tok = policy
+    args = batch(tok)
+    mask = args[3].bool()
+    with torch.no_grad():
+        plain = completion_logprobs(model, *args)  # (N, T)
+        fast = completion_logprobs_fast(model, *args, share_prompts=share_prompts)
+        with model.disable_adapter():
+            plain_ref = completion_logprobs(model, *args)
+            fast_ctx = completion_logprobs_fast(model, *args, share_prompts=share_prompts)
+        fast_ref = completion_logprobs_fast(model, *args, use_adapter=False, share_prompts=share_prompts)
+        fast_mb = completion_logprobs_fast(model, *args, micro_batch_size=4, share_prompts=share_prompts)
+    assert fast.shape == plain.shape == args[2].shape
+    torch.testing.assert_close(fast[mask], plain[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_ref[mask], plain_ref[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_ctx[mask], plain_ref[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_mb[mask], plain[mask], atol=1e-5, rtol=0)
+    assert torch.isfinite(fast).all() and torch.isfinite(fast_ref).all()
+    assert (fast[mask] - fast_ref[mask]).abs().max() > 1e-2  # the adapter matters
+    # independent of the plain batched path: each row alone, unpadded
+    for row, want in enumerate(unpadded_logprobs(model, *args)):
+        torch.testing.assert_close(fast[row][mask[row]], want, atol=1e-5, rtol=0)
+
+
+def test_rows_in_any_order(policy) -> None:
+    """Prompt sharing finds equal prompts wherever their rows are."""
+    model, tok = policy
+    args = batch(tok)
+    perm = torch.randperm(args[0].shape[0], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = completion_logprobs_fast(model, *args)
+        shuffled = completion_logprobs_fast(model, *(a[perm] for a in args))
+    torch.testing.assert_close(shuffled, whole[perm], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(
+    not onednn_linear_available(torch.device("cpu"), torch.float32), reason="no oneDNN linear op here"
+)
+def test_onednn_and_default_gemms_agree(policy) -> None:
+    """The oneDNN route (forward and its hand-written backward) against F.linear / autograd."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 24, generator=gen, requires_grad=True)
+    w = torch.randn(12, 24, generator=gen, requires_grad=True)
+    b = torch.randn(12, generator=gen, requires_grad=True)
+    add = torch.randn(2, 7, 12, generator=gen, requires_grad=True)
+    g = torch.randn(2, 7, 12, generator=gen)
+    for kw in ({}, {"b": b}, {"add": add}):
+        outs = []
+        for dnn in (False, True):
+            y = linear(x, w, dnn=dnn, **kw)
+            y.backward(g)
+            grads = [t.grad.clone() if t.grad is not None else None for t in (x, w, b, add)]
+            for t in (x, w, b, add):
+                t.grad = None
+            outs.append((y.detach(), grads))
+        torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+        for got, want in zip(outs[1][1], outs[0][1]):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the whole log-prob pass, both routes
+    model, tok = policy
+    args = batch(tok)
+    fast = FastQwen2(model)
+    with torch.no_grad():
+        on = completion_logprobs_fast(fast, *args)
+        fast.dnn = False
+        off = completion_logprobs_fast(fast, *args)
+    torch.testing.assert_close(on, off, atol=1e-5, rtol=0)
+
+
+def test_temperature_and_single_token(policy) -> None:
+    model, tok = policy
+    args = batch(tok, t=1)
+    with torch.no_grad():
+        for temp in (1.0, 0.7):
+            plain = completion_logprobs(model, *args, temperature=temp)
+            fast = completion_logprobs_fast(model, *args, temperature=temp)
+            torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("share_prompts", [True, False])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_loss_and_gradients_match_plain_path(policy, share_prompts: bool, loss_type: str) -> None:
+    """The issue's equality test: same loss and same LoRA gradients through grpo_loss."""
+    model, tok = policy
+    args = batch(tok, seed=1)
+    mask = args[3]
+    n = mask.shape[0]
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(2))  # (N,)
+    lora = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in k for k in lora)
+
+    def loss_and_grads(fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            ref = fn(model, *args, adapter=False)  # (N, T)
+        logp = fn(model, *args, adapter=True)  # (N, T)
+        # a ratio != 1 and a KL != 0 so every term of the loss carries gradient
+        old = (logp.detach() + 0.05 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(3)))
+        loss, _ = grpo_loss(
+            logp, old, ref, adv, mask, epsilon_low=0.2, epsilon_high=0.28, beta=0.04,
+            loss_type=loss_type, max_new_tokens=mask.shape[1],
+        )
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in lora.items()}
+
+    def plain(m, *a, adapter):
+        if adapter:
+            return completion_logprobs(m, *a)
+        with m.disable_adapter():
+            return completion_logprobs(m, *a)
+
+    def fast(m, *a, adapter):
+        return completion_logprobs_fast(m, *a, use_adapter=adapter, share_prompts=share_prompts)
+
+    base = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
+    loss_p, grads_p = loss_and_grads(plain)
+    loss_f, grads_f = loss_and_grads(fast)
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(loss_f, loss_p, atol=1e-6, rtol=1e-5)
+    assert sum(g.abs().sum() for g in grads_p.values()) > 0
+    for k in grads_p:
+        err = float((grads_f[k] - grads_p[k]).abs().max())
+        scale = float(grads_p[k].abs().max())
+        assert err <= 1e-6 + 1e-4 * scale, f"{k}: max |diff| {err:.3g} vs max |grad| {scale:.3g}"
+    for k, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None and torch.equal(p, base[k]), k
+
+
+def test_selective_head_matches_log_softmax() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 700, 16, generator=gen, requires_grad=True)  # (n, T, H): several chunks
+    w = torch.randn(500, 16, generator=gen, requires_grad=True)  # (V, H)
+    target = torch.randint(0, 500, (3, 700), generator=gen)
+    g = torch.randn(3, 700, generator=gen)
+    for temp, dnn in ((1.0, False), (0.5, False), (0.7, onednn_linear_available(h.device, h.dtype))):
+        got = selective_head_logprobs(h, w, target, temp, dnn=dnn)
+        got.backward(g)
+        gh, gw = h.grad.clone(), w.grad.clone()
+        h.grad = w.grad = None
+        want = ((h @ w.t()) / temp).log_softmax(-1).gather(-1, target[..., None])[..., 0]
+        want.backward(g)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(gh, h.grad, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(gw, w.grad, atol=1e-4, rtol=1e-5)
+        h.grad = w.grad = None
+
+
+def test_lora_dropout_in_training_mode(policy) -> None:
+    """Training mode applies peft's dropout p (different draws per call, unbiased on average);
+    eval mode none; the reference pass never sees the adapter."""
+    model, tok = policy
+    args = batch(tok, group=1, t=4)
+    mask = args[3].bool()
+    fast = FastQwen2(model)
+    with torch.no_grad():
+        eval_logp = completion_logprobs_fast(fast, *args)
+        model.train()
+        try:
+            torch.manual_seed(0)
+            a = completion_logprobs_fast(fast, *args)
+            b = completion_logprobs_fast(fast, *args)
+            ref = completion_logprobs_fast(fast, *args, use_adapter=False)
+            lay = fast.layers[0]
+            x = torch.randn(4000, lay.w["q_proj"].shape[1])
+            mean = torch.stack([fast._proj(x, lay, "q_proj", True) for _ in range(30)]).mean(0)
+        finally:
+            model.eval()
+        eval_ref = completion_logprobs_fast(fast, *args, use_adapter=False)
+        want = fast._proj(x, lay, "q_proj", True)
+    assert not torch.allclose(a[mask], b[mask]) and not torch.allclose(a[mask], eval_logp[mask])
+    torch.testing.assert_close(ref, eval_ref)
+    # E[dropout(x) / (1 - p)] = x: the mean over draws approaches the eval output
+    base_out = fast._proj(x, lay, "q_proj", False)
+    err = (mean - want).abs().mean() / (want - base_out).abs().mean()
+    assert err < 0.1
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_merged_generation_weights(policy) -> None:
+    model, tok = policy
+    base = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
+    fast = FastQwen2(model)
+    ids, mask, _, _ = batch(tok, group=1)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        got = fast.logits(fast.hidden_states(ids, mask, merged=True))
+        real = mask.bool()
+        # merging W + (B @ A) * s rounds differently from adding the adapter's output
+        torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+        # a changed adapter reaches the generation weights at the next sync, not before
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.add_(0.1)
+        stale = fast.logits(fast.hidden_states(ids, mask, merged=True))
+        fast.sync(model)
+        fresh = fast.logits(fast.hidden_states(ids, mask, merged=True))
+        want2 = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.sub_(0.1)
+    torch.testing.assert_close(stale[real], want[real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fresh[real], want2[real], atol=1e-4, rtol=1e-4)
+    assert (want2[real] - want[real]).abs().max() > 1e-2  # the change was visible
+    for k, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base[k]), f"{k} changed"
+
+
+def test_base_weights_bit_identical_after_sync_and_generate(policy) -> None:
+    model, tok = policy
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    gen = FastGenerator(model, tok, GenerationConfig(max_new_tokens=6))
+    gen.generate(PROMPTS, 2, generator=torch.Generator().manual_seed(0))
+    gen.sync_weights(model)
+    for k, p in model.named_parameters():
+        assert torch.equal(p, before[k]), k
+
+
+def gen_pair(policy, **cfg: Any) -> tuple[TransformersGenerator, FastGenerator]:
+    model, tok = policy
+    stops = cfg.pop("stop_ids", None)
+    gc = GenerationConfig(**{"max_new_tokens": 16, **cfg})
+    return (
+        TransformersGenerator(model, tok, gc, stop_ids=stops),
+        FastGenerator(model, tok, gc, stop_ids=stops),
+    )
+
+
+def assert_same_rollout(a, b) -> None:
+    for field in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.texts == b.texts
+
+
+def test_greedy_tokens_identical(policy) -> None:
+    hf, fast = gen_pair(policy)
+    a = hf.generate(PROMPTS, 2, greedy=True, max_new_tokens=20)
+    b = fast.generate(PROMPTS, 2, greedy=True, max_new_tokens=20)
+    assert_same_rollout(a, b)
+    assert len(set(a.completion_ids[0].tolist())) > 3  # not a degenerate model
+    # duplicate prompts in the list keep their own rows
+    dup = PROMPTS + PROMPTS[:1]
+    assert_same_rollout(hf.generate(dup, 2, greedy=True), fast.generate(dup, 2, greedy=True))
+
+
+def test_stops_min_tokens_and_early_exit_identical(policy) -> None:
+    model, tok = policy
+    probe = TransformersGenerator(model, tok, GenerationConfig(max_new_tokens=12)).generate(
+        PROMPTS, 1, greedy=True
+    )
+    # stop ids the model does emit, so rows stop at different steps (and all stop: early exit)
+    stops = sorted(set(probe.completion_ids[:, [2, 5, 7]].flatten().tolist()) | set(stop_token_ids(tok)))
+    hf, fast = gen_pair(policy, stop_ids=stops)
+    for kw in ({}, {"min_new_tokens": 4}):
+        a = hf.generate(PROMPTS, 2, greedy=True, max_new_tokens=12, **kw)
+        b = fast.generate(PROMPTS, 2, greedy=True, max_new_tokens=12, **kw)
+        assert_same_rollout(a, b)
+        if not kw:
+            assert (~a.truncated).all() and a.completion_ids.shape[1] < 12  # every row stopped early
+    for seed in range(3):
+        a = hf.generate(PROMPTS, 4, max_new_tokens=12, min_new_tokens=3, generator=torch.Generator().manual_seed(seed))
+        b = fast.generate(PROMPTS, 4, max_new_tokens=12, min_new_tokens=3, generator=torch.Generator().manual_seed(seed))
+        assert_same_rollout(a, b)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"temperature": 0.7, "top_k": 20}, {"top_p": 0.9}])
+def test_sampled_tokens_identical_with_same_generator(policy, cfg: dict[str, Any]) -> None:
+    hf, fast = gen_pair(policy, **cfg)
+    for seed in (0, 1):
+        a = hf.generate(PROMPTS, 4, generator=torch.Generator().manual_seed(seed))
+        b = fast.generate(PROMPTS, 4, generator=torch.Generator().manual_seed(seed))
+        assert_same_rollout(a, b)
+    assert len({tuple(x) for x in a.completion_ids[:4].tolist()}) > 1  # samples within a group differ
+
+
+def test_inverse_cdf_sampler_draws_the_distribution() -> None:
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])  # (V,)
+    rows = logits.expand(40000, 6).clone()  # (N, V)
+    draws = pick_tokens(rows, False, torch.Generator().manual_seed(0), 1.0, sampler="inverse_cdf")
+    again = pick_tokens(rows, False, torch.Generator().manual_seed(0), 1.0, sampler="inverse_cdf")
+    assert torch.equal(draws, again)
+    freq = torch.bincount(draws, minlength=6).double() / draws.numel()
+    torch.testing.assert_close(freq, logits.double().softmax(0), atol=0.01, rtol=0)
+    # filtered tokens are never drawn; temperature sharpens
+    top2 = pick_tokens(rows, False, torch.Generator().manual_seed(1), 0.5, top_k=2, sampler="inverse_cdf")
+    assert set(top2.tolist()) == {0, 1}
+    share = float((top2 == 0).double().mean())
+    assert abs(share - torch.tensor([4.0, 2.0]).softmax(0)[0].item()) < 0.01
+    with pytest.raises(ValueError, match="sampler"):
+        pick_tokens(rows, False, None, 1.0, sampler="nope")
+
+
+def test_inverse_cdf_generation_runs(policy) -> None:
+    model, tok = policy
+    gen = FastGenerator(model, tok, GenerationConfig(max_new_tokens=8), sampler="inverse_cdf")
+    a = gen.generate(PROMPTS, 3, generator=torch.Generator().manual_seed(0))
+    b = gen.generate(PROMPTS, 3, generator=torch.Generator().manual_seed(0))
+    assert_same_rollout(a, b)
+    assert a.completion_ids.shape == (9, 8) and len({tuple(x) for x in a.completion_ids.tolist()}) > 3
+
+
+# --------------------------------------------------------------------------- support
+
+
+def _tiny_config_model(kind: str) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    if kind == "llama":
+        return LlamaForCausalLM(
+            LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1)
+        )
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    if kind == "qwen2-rope-linear":
+        cfg.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    return Qwen2ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2-rope-linear"])
+def test_unsupported_models_fall_back(kind: str) -> None:
+    model = _tiny_config_model(kind)
+    assert not supports(model) and unsupported_reason(model)
+    with pytest.raises(ValueError, match="Hugging Face path"):
+        FastQwen2(model)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="Hugging Face path"):
+        completion_logprobs_fast(model, ids, ids, ids, ids)
+
+
+def test_supported_and_unsupported_adapters() -> None:
+    import peft
+
+    plain = _tiny_config_model("qwen2")
+    assert supports(plain), unsupported_reason(plain)
+    lora = peft.get_peft_model(_tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    assert supports(lora), unsupported_reason(lora)
+    dora = peft.get_peft_model(_tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert not supports(dora)
+    head = peft.get_peft_model(_tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert not supports(head)
+    saved = peft.get_peft_model(
+        _tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    assert not supports(saved)
+    merged = peft.get_peft_model(_tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    merged.merge_adapter()
+    assert not supports(merged)
