@@ -21,6 +21,8 @@ Departures from the GRPO paper (DeepSeekMath), all as in TRL's GRPOTrainer:
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -221,6 +223,8 @@ def policy_update(
     old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
     scheduler: Any = None,
+    grad_hook: Callable[[list[Tensor]], None] | None = None,
+    logprobs_fn: Callable[..., Tensor] | None = None,
 ) -> dict[str, float]:
     """`cfg.num_iterations` optimizer steps on one rollout batch, in micro-batches of
     `cfg.micro_batch_size` rows whose gradients add up to the full-batch gradient.
@@ -228,8 +232,13 @@ def policy_update(
     `old_logp` (N, T): the log-probs at sampling time. With `num_iterations == 1` it may be
     omitted: the detached current log-probs serve (ratio = 1, no extra forward pass). With
     `num_iterations > 1` compute it once under `torch.no_grad()` before calling. `ref_logp` (N, T)
-    is needed when `cfg.beta > 0`. The caller sets train/eval mode. Returns loss, kl, clip_low,
-    clip_high, clip_fraction, ratio and grad_norm (before clipping), averaged over the epochs.
+    is needed when `cfg.beta > 0`. `grad_hook(params)`, if given, is called with the trainable
+    parameters once all micro-batches' gradients are accumulated and before clipping (data
+    parallelism averages them across ranks there). The caller sets train/eval mode. Returns
+    loss, kl, clip_low, clip_high, clip_fraction, ratio and grad_norm (before clipping),
+    averaged over the epochs, and the seconds spent in forward, backward and optimizer
+    (`time/forward_s`, `time/backward_s`, `time/optimizer_s`, summed). `logprobs_fn` replaces
+    `completion_logprobs` (same signature), e.g. by `grpo.fastpath.completion_logprobs_fast`.
     """
     if cfg.num_iterations > 1 and old_logp is None:
         raise ValueError(
@@ -248,14 +257,20 @@ def policy_update(
         epoch = _accumulate_gradients(
             model, rollout, adv, mask, old_logp, ref_logp, cfg=cfg, temperature=temperature,
             max_new_tokens=max_new_tokens, num_tokens=num_tokens, device=device,
+            logprobs_fn=logprobs_fn or completion_logprobs,
         )
+        t0 = time.perf_counter()
+        if grad_hook is not None:
+            grad_hook(params)
         epoch["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        epoch["time/optimizer_s"] = time.perf_counter() - t0
         for k, v in epoch.items():
-            totals[k] = totals.get(k, 0.0) + v / cfg.num_iterations
+            share = 1.0 if k.startswith("time/") else 1.0 / cfg.num_iterations  # times add up
+            totals[k] = totals.get(k, 0.0) + v * share
     return totals
 
 
@@ -272,17 +287,19 @@ def _accumulate_gradients(
     max_new_tokens: int,
     num_tokens: float,
     device: torch.device,
+    logprobs_fn: Callable[..., Tensor],
 ) -> dict[str, float]:
     """Forward + backward of every micro-batch of one epoch; returns its summed loss and stats.
 
     Shapes with a lower-case n are those of one micro-batch (n <= N rows).
     """
     n = mask.shape[0]
-    loss_sum = 0.0
+    loss_sum = t_forward = t_backward = 0.0
     weighted = {"kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_fraction": 0.0, "ratio": 0.0}
     for start in range(0, n, cfg.micro_batch_size):
         rows = slice(start, start + cfg.micro_batch_size)
-        logp = completion_logprobs(
+        t0 = time.perf_counter()
+        logp = logprobs_fn(
             model,
             rollout.prompt_ids[rows].to(device),  # (n, P)
             rollout.prompt_mask[rows].to(device),  # (n, P)
@@ -298,10 +315,15 @@ def _accumulate_gradients(
             loss_type=cfg.loss_type, max_new_tokens=max_new_tokens,
             num_sequences=n, num_tokens=num_tokens,
         )
+        t1 = time.perf_counter()
         loss.backward()
+        t_forward += t1 - t0
+        t_backward += time.perf_counter() - t1
         loss_sum += float(loss.detach())
         for k in weighted:
             weighted[k] += float(stats[k]) * float(stats["num_tokens"])
     out = {k: v / max(num_tokens, 1.0) for k, v in weighted.items()}
     out["loss"] = loss_sum
+    out["time/forward_s"] = t_forward
+    out["time/backward_s"] = t_backward
     return out

@@ -181,6 +181,9 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling; 1.0 = off.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
     max_new_tokens: int = Field(48, ge=1, description="Completion length limit.")
+    min_new_tokens: int = Field(
+        0, ge=0, description="Stop tokens are suppressed until this many tokens (benchmarks: all)."
+    )
     sampler: Literal["inverse_cdf", "multinomial"] = Field(
         "inverse_cdf",
         description="How a token is drawn from the filtered softmax: inverse_cdf (one uniform per "

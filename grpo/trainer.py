@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ from tqdm.auto import tqdm
 from grpo.algorithm import completion_logprobs, group_advantages, policy_update
 from grpo.config import RunConfig
 from grpo.countdown import build_prompt
+from grpo.distributed import average_gradients, gather_metrics
+from grpo.fastpath import completion_logprobs_fast
 from grpo.rewards import get_rewards
 from grpo.rollout import Rollout, make_generator
 
@@ -100,8 +103,31 @@ def score(
     return total, per_fn
 
 
+class _Clock:
+    """Wall-clock seconds per named phase: `with clock("generation"): ...` -> time/generation_s."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[f"time/{name}_s"] = time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
 class GRPOTrainer:
-    """GRPO on a LoRA-adapted causal LM; the policy is `model` (a peft model)."""
+    """GRPO on a LoRA-adapted causal LM; the policy is `model` (a peft model).
+
+    Data parallel (`grpo.launch` under torchrun): rank `rank` of `world_size` takes prompts
+    [(step * world_size + rank) * B, ... + B) of the data order, samples with seed + rank,
+    averages gradients across ranks before clipping (`grad_hook`) and returns metrics averaged
+    over the ranks. With world_size 1 (the default) this is the single-process trainer.
+    """
 
     def __init__(
         self,
@@ -113,6 +139,8 @@ class GRPOTrainer:
         generator: Any = None,
         reward_fns: Sequence[tuple[str, RewardFn]] | None = None,
         total_steps: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -130,15 +158,24 @@ class GRPOTrainer:
         self.step_count = 0
         self._perm_epoch = -1
         self._perm: list[int] = []
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        self.rank, self.world_size = rank, world_size
+        self.grad_hook: Callable[[list[torch.Tensor]], None] | None = (
+            average_gradients if world_size > 1 else None
+        )
 
     # -- state -------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         """Counters a checkpoint stores next to the adapter, optimizer and scheduler."""
-        return {"step": self.step_count, "data_position": self.step_count * self.cfg.train.prompts_per_step}
+        b = self.cfg.train.prompts_per_step
+        return {"step": self.step_count, "data_position": self.step_count * b * self.world_size}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        """Take the counters of a loaded checkpoint; the generator re-syncs the loaded adapter."""
         self.step_count = int(state["step"])
+        self.generator.sync_weights(self.model)
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -146,7 +183,8 @@ class GRPOTrainer:
         """B rows in a seeded per-epoch order; the position is derived from the step count."""
         b, n = self.cfg.train.prompts_per_step, len(self.rows)
         indices = []
-        for pos in range(self.step_count * b, (self.step_count + 1) * b):
+        first = (self.step_count * self.world_size + self.rank) * b  # this rank's share of the step
+        for pos in range(first, first + b):
             epoch, i = divmod(pos, n)
             if epoch != self._perm_epoch:
                 self._perm = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(n).tolist()
@@ -161,32 +199,46 @@ class GRPOTrainer:
     def sample(self, batch: Batch, seed: int) -> Rollout:
         gen = torch.Generator(device=self.generator_device).manual_seed(seed)
         self.model.eval()  # no LoRA dropout while sampling
-        return self.generator.generate(batch.prompts, self.cfg.train.group_size, generator=gen)
+        return self.generator.generate(
+            batch.prompts, self.cfg.train.group_size, generator=gen,
+            min_new_tokens=self.cfg.generation.min_new_tokens,
+        )
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         t = self.cfg.train
         return group_advantages(rewards, t.group_size, scale=t.advantage_scale)  # (N,)
+
+    def logprobs(self, rollout: Rollout, *, adapter: bool = True) -> torch.Tensor:
+        """Per-token log-probs (N, T) of the rollout's completions, with or without the adapter:
+        by the fast path when the generator has one (`grpo.fastpath`), else the plain path."""
+        args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+        kw = {"temperature": self.cfg.generation.temperature, "micro_batch_size": self.cfg.train.micro_batch_size}
+        fast = getattr(self.generator, "fast", None)
+        if fast is not None:
+            return completion_logprobs_fast(fast, *args, use_adapter=adapter, **kw)  # (N, T)
+        if adapter:
+            return completion_logprobs(self.model, *args, **kw)  # (N, T)
+        with self.model.disable_adapter():
+            return completion_logprobs(self.model, *args, **kw)  # (N, T)
 
     @torch.no_grad()
     def old_and_reference_logprobs(
         self, rollout: Rollout
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Old log-probs only for several update epochs; reference only when beta > 0."""
-        t, temp = self.cfg.train, self.cfg.generation.temperature
-        args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
         old = ref = None
-        if t.num_iterations > 1:
-            self.model.train()
-            old = completion_logprobs(self.model, *args, temperature=temp, micro_batch_size=t.micro_batch_size)
-        if t.beta > 0:
-            with self.model.disable_adapter():
-                ref = completion_logprobs(self.model, *args, temperature=temp, micro_batch_size=t.micro_batch_size)
-        return old, ref  # (N, T) each, or None
+        if self.cfg.train.num_iterations > 1:
+            self.model.train()  # the same dropout regime as the update
+            old = self.logprobs(rollout)  # (N, T)
+        if self.cfg.train.beta > 0:
+            ref = self.logprobs(rollout, adapter=False)  # (N, T)
+        return old, ref
 
     def update(
         self, rollout: Rollout, adv: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None
     ) -> dict[str, float]:
         self.model.train()
+        fast = getattr(self.generator, "fast", None)
         return policy_update(
             self.model,
             self.optimizer,
@@ -198,6 +250,8 @@ class GRPOTrainer:
             old_logp=old,
             ref_logp=ref,
             scheduler=self.scheduler,
+            grad_hook=self.grad_hook,
+            logprobs_fn=(lambda _model, *a, **k: completion_logprobs_fast(fast, *a, **k)) if fast else None,
         )
 
     @property
@@ -208,32 +262,36 @@ class GRPOTrainer:
 
     def step(self) -> dict[str, float]:
         """One GRPO step; returns its metrics (also `step`, 1-based after the update)."""
-        t0 = time.perf_counter()
-        seed = step_seed(self.cfg.train.seed, self.step_count)
+        clock = _Clock()
+        seed = step_seed(self.cfg.train.seed, self.step_count) + self.rank
         torch.manual_seed(seed)
-        batch = self.next_batch()
-        rollout = self.sample(batch, seed)  # texts: N = B*G
-        t_gen = time.perf_counter() - t0
-        columns = batch.repeat(self.cfg.train.group_size)
-        columns["completion_ids"] = [
-            ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)
-        ]
-        rewards, per_fn = score(rollout.texts, columns, self.reward_fns, self.cfg.train.reward_weights)  # (N,)
-        adv = self.advantages(rewards)  # (N,)
-        old, ref = self.old_and_reference_logprobs(rollout)
+        with clock("generation"):
+            batch = self.next_batch()
+            rollout = self.sample(batch, seed)  # texts: N = B*G
+        with clock("score"):
+            columns = batch.repeat(self.cfg.train.group_size)
+            columns["completion_ids"] = [
+                ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)
+            ]
+            rewards, per_fn = score(rollout.texts, columns, self.reward_fns, self.cfg.train.reward_weights)  # (N,)
+            adv = self.advantages(rewards)  # (N,)
+        with clock("reference"):
+            old, ref = self.old_and_reference_logprobs(rollout)
         update = self.update(rollout, adv.to(self.generator_device), old, ref)
-        self.generator.sync_weights(self.model)
+        with clock("sync"):
+            self.generator.sync_weights(self.model)
         self.step_count += 1
-        elapsed = time.perf_counter() - t0
-        return {
+        gen_s = clock.seconds["time/generation_s"]
+        metrics = {
             "step": self.step_count,
             **self.rollout_metrics(rollout, rewards, per_fn),
             **update,
+            **clock.seconds,
             "lr": self.scheduler.get_last_lr()[0],
-            "step_time_s": elapsed,
-            "generation_time_s": t_gen,
-            "completion_tokens_per_s": float(rollout.completion_mask.sum()) / max(t_gen, 1e-9),
+            "step_time_s": clock.elapsed(),
+            "completion_tokens_per_s": float(rollout.completion_mask.sum()) / max(gen_s, 1e-9),
         }
+        return gather_metrics(metrics) if self.world_size > 1 else metrics
 
     def rollout_metrics(
         self, rollout: Rollout, rewards: torch.Tensor, per_fn: dict[str, torch.Tensor]

@@ -1,0 +1,135 @@
+"""Data-parallel helpers on accelerate's `Accelerator`: rank, world size, gradient and metric
+averaging, barriers. In one process every helper is a no-op, so the trainer calls them freely.
+
+    torchrun --nproc_per_node 2 -m grpo.launch --config configs/tiny-cpu.yaml --run-dir runs/dp --steps 10
+
+`grpo.launch` creates the accelerator first (`get_accelerator()`): under torchrun that joins the
+process group (gloo on CPU, NCCL on GPUs). Each rank then samples its own prompts, and after the
+backward passes of a step `average_gradients` replaces every trainable parameter's gradient by
+its mean over the ranks (one all-reduce per dtype and device), before gradient clipping and the
+optimizer step, so every rank applies the same update and the adapters stay identical.
+
+The model is deliberately not wrapped by `accelerator.prepare` (DistributedDataParallel): the
+trainer generates with it, disables its adapter for reference log-probs and runs several
+micro-batches per update, all of which want the bare peft model; one explicit all-reduce per
+update is what DDP would do at the last micro-batch anyway.
+
+Not in the paper: the paper does not discuss distribution; averaging per-rank gradients of
+per-rank losses equals the gradient of the global batch's loss for the "grpo" and "dr_grpo" loss
+aggregations when every rank holds the same number of sequences (for "bnpo" it weights ranks
+equally rather than by their token counts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@functools.cache
+def get_accelerator() -> Any:
+    """This process's `Accelerator`, created on the first call (`cpu=True` when no GPU is
+    visible: without it accelerate would not join a CPU process group under torchrun)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank of this process (0 without a process group)."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes in the group (1 without a process group)."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in one process)."""
+    if _initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group, if any (at the end of a launched run)."""
+    if _initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Run the block on rank 0 first, then on the others (e.g. to fill a cache once)."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for a collective must live: the current GPU for NCCL, else the CPU."""
+    if _initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def average_gradients(params: Iterable[Tensor]) -> None:
+    """Replace each parameter's `.grad` by its mean over the ranks, in place (no-op in one process).
+
+    A parameter without a gradient counts as zeros (and gets a zero gradient), so every rank
+    reduces the same tensors. Gradients are flattened into one buffer per (device, dtype) and
+    reduced with one all-reduce each.
+    """
+    world = world_size()
+    if world == 1:
+        return
+    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        buckets.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    for key in sorted(buckets, key=str):  # the same order on every rank
+        grads = buckets[key]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world
+        for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(chunk.view_as(g))
+
+
+def gather_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Scalar metrics of this rank -> their mean over the ranks (keys ending in `_max`: the
+    maximum), identical on every rank so rank 0 can log global values. Ints stay ints. Every rank
+    must pass the same keys. In one process the metrics come back unchanged (a copy)."""
+    if world_size() == 1:
+        return dict(metrics)
+    keys = sorted(metrics)
+    device = _collective_device()
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)  # (K,)
+    total = values.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    peak = values.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    mean = (total / world_size()).tolist()
+    top = peak.tolist()
+    out: dict[str, float] = {}
+    for i, k in enumerate(keys):
+        v = top[i] if k.endswith("_max") else mean[i]
+        out[k] = int(round(v)) if isinstance(metrics[k], int) and not isinstance(metrics[k], bool) else v
+    return {k: out[k] for k in metrics}
