@@ -27,7 +27,7 @@ from prefect.runtime import flow_run
 from grpo import stages, tracking
 from grpo.config import RunConfig
 from tasks.data import prepare_dataset, preflight
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, evaluate_baseline, learning_report
 from tasks.registry import close_run, open_run, register_elite
 from tasks.train import train_round, warm_start
 
@@ -77,13 +77,17 @@ def finetune(config: RunConfig = RunConfig()) -> dict[str, Any]:
         progress=0.0, key="grpo-progress", description=f"rounds done of {rounds}"
     )
     rows: list[dict[str, Any]] = []
+    results = []
+    baseline = None
     try:
         train_cfg = cfg
         if cfg.sft.enabled:
             train_cfg = stages.with_base(cfg, warm_start(cfg, dataset, run_id, uri))
+            baseline = evaluate_baseline(train_cfg, dataset, run_id, uri)
         for r in range(rounds):
             ckpt = train_round(train_cfg, dataset, r, run_id, uri)
             result = evaluate(train_cfg, ckpt, dataset, run_id, uri)
+            results.append(result)
             reg = register_elite(train_cfg, ckpt, result, run_id, uri, flow_run_id, dataset)
             row = stages.round_row(uri, run_id, ckpt, cfg.pipeline.steps_per_round, result, reg)
             rows.append(row)
@@ -93,6 +97,12 @@ def finetune(config: RunConfig = RunConfig()) -> dict[str, Any]:
                 f", registered version {reg['version']}" if reg["elite"] else "",
             )
             update_progress_artifact(progress_id, progress=100.0 * (r + 1) / rounds)
+        if baseline is not None:
+            create_markdown_artifact(
+                markdown=learning_report(uri, run_id, baseline, results, cfg.name),
+                key="grpo-learning",
+                description="Warm-start baseline vs the GRPO rounds: accuracy, wall clock, McNemar",
+            )
     except BaseException:
         try:
             close_run(uri, run_id, "FAILED")

@@ -13,6 +13,7 @@ Chen et al. with n = k). `mcnemar` compares two evaluations of the same problems
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ class EvalResult(BaseModel):
     sampled_accuracy_se: float | None = None
     pass_at_k: float | None = None
     k: int | None = None
+    finished_at: float = Field(0.0, description="Unix time the evaluation finished.")
     correct: list[int] = Field(default_factory=list, description="Greedy 0/1 per problem, in order.")
     samples: list[dict[str, Any]] = Field(default_factory=list, description="A few completions.")
 
@@ -109,6 +111,7 @@ def evaluate(
         _add_sampled(result, generator, prompts, nums, targets, cfg, step, device)
     if was_training:
         model.train()
+    result.finished_at = time.time()
     return result
 
 

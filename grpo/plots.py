@@ -84,3 +84,29 @@ def plot_run_curves(
     if title:
         fig.suptitle(title)
     return fig
+
+
+def plot_accuracy_vs_time(points: Sequence[Mapping[str, Any]], *, title: str | None = None) -> Figure:
+    """Held-out accuracy (greedy, and sampled where measured) against minutes since the run
+    started, across the warm start and the GRPO rounds. Each point: `minutes`, `accuracy`,
+    optional `sampled_accuracy`, `label` (e.g. "warm start", "round 1")."""
+    fig = new_figure(8.0, 4.5)
+    ax = fig.subplots()
+    pts = sorted(points, key=lambda p: p["minutes"])
+    xs = [p["minutes"] for p in pts]
+    ax.plot(xs, [p["accuracy"] for p in pts], marker="o", color="tab:green", label="greedy")
+    sampled = [(p["minutes"], p["sampled_accuracy"]) for p in pts if p.get("sampled_accuracy") is not None]
+    if sampled:
+        ax.plot(*zip(*sampled), marker="s", color="tab:orange", label="sampled (temperature of training)")
+    for p in pts:
+        if p.get("label"):
+            ax.annotate(p["label"], (p["minutes"], p["accuracy"]), textcoords="offset points",
+                        xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("minutes since the run started")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    if title:
+        ax.set_title(title)
+    return fig

@@ -383,6 +383,63 @@ def evaluate_checkpoint(
     return result
 
 
+def evaluate_baseline(
+    cfg: RunConfig, dataset_ref: DatasetRef, run_id: str, tracking_uri: str, *, progress: bool = True
+) -> EvalResult:
+    """Held-out evaluation at step 0 of the policy GRPO starts from (e.g. the warm-started base
+    with its fresh adapter, whose LoRA B is zero): the baseline the GRPO rounds are compared with.
+    Logs `eval/*` at step 0 (once) and its sample table."""
+    from grpo.models import load_policy
+
+    model, tokenizer = load_policy(cfg)
+    result = evaluate(model, tokenizer, load_split(dataset_ref.test_path), cfg, step=0, progress=progress)
+    tracking.log_metrics(tracking_uri, run_id, result.metrics(), step=0, skip_logged=True)
+    if result.samples:
+        table = [{"step": 0, **s} for s in result.samples]
+        tracking.log_table(tracking_uri, run_id, table, samples_artifact(0))
+    return result
+
+
+def learning_report(
+    tracking_uri: str, run_id: str, baseline: EvalResult, rounds: list[EvalResult], title: str = ""
+) -> str:
+    """Compare the final adapter with the baseline on the same problems (paired McNemar test),
+    log `compare/*` metrics and an accuracy-against-wall-clock image; return markdown."""
+    from mlflow import MlflowClient
+
+    from grpo.plots import plot_accuracy_vs_time
+
+    final = rounds[-1]
+    paired = mcnemar(baseline.correct, final.correct)
+    tracking.log_metrics(tracking_uri, run_id, {
+        "compare/accuracy_gain": final.accuracy - baseline.accuracy,
+        "compare/mcnemar_z": paired["z"], "compare/gained": paired["gained"], "compare/lost": paired["lost"],
+        **({"compare/sampled_accuracy_gain": final.sampled_accuracy - baseline.sampled_accuracy}
+           if final.sampled_accuracy is not None and baseline.sampled_accuracy is not None else {}),
+    }, step=final.step, skip_logged=True)
+    start = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.start_time / 1000.0
+    points = [
+        {"minutes": (r.finished_at - start) / 60.0, "accuracy": r.accuracy,
+         "sampled_accuracy": r.sampled_accuracy, "label": label}
+        for label, r in [("baseline", baseline)] + [(f"step {r.step}", r) for r in rounds]
+    ]
+    tracking.log_figure(tracking_uri, run_id, plot_accuracy_vs_time(points, title=title),
+                        "plots/accuracy_vs_time.png")
+
+    def fmt(r: EvalResult) -> str:
+        sampled = f"{r.sampled_accuracy:.3f} ± {r.sampled_accuracy_se:.3f}" if r.sampled_accuracy is not None else "-"
+        return f"| {r.step} | {(r.finished_at - start) / 60:.1f} | {r.accuracy:.3f} ± {r.accuracy_se:.3f} | {sampled} |"
+
+    lines = [
+        f"## Learning: baseline vs final adapter {title}".rstrip(), "",
+        "| step | minutes | greedy accuracy | sampled accuracy |", "|---:|---:|---:|---:|",
+        fmt(baseline), *(fmt(r) for r in rounds), "",
+        f"Paired (McNemar) on {final.n} held-out problems: {paired['gained']} gained, "
+        f"{paired['lost']} lost, z = {paired['z']:.2f} (z > 2: a real gain).",
+    ]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------- registry
 
 

@@ -37,6 +37,26 @@ def evaluate(
 
 
 @task(
+    name="evaluate-baseline",
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
+    retry_condition_fn=retry_unless_user_error,
+    cache_policy=NO_CACHE,
+)
+def evaluate_baseline(config: RunConfig, dataset_ref: DatasetRef, run_id: str, tracking_uri: str) -> EvalResult:
+    """Held-out accuracy of the policy GRPO starts from (step 0): the rounds' baseline."""
+    return stages.evaluate_baseline(config, dataset_ref, run_id, tracking_uri)
+
+
+@task(name="learning-report", retries=RETRIES, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
+def learning_report(
+    tracking_uri: str, run_id: str, baseline: EvalResult, rounds: list[EvalResult], title: str = ""
+) -> str:
+    """Baseline vs final adapter (McNemar) and accuracy against wall clock, logged to MLflow."""
+    return stages.learning_report(tracking_uri, run_id, baseline, rounds, title)
+
+
+@task(
     name="evaluate-version",
     task_run_name="evaluate-version-{version}",
     retries=RETRIES,

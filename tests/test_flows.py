@@ -226,3 +226,31 @@ def test_bad_input_inside_the_flow_is_the_user_error(
     with pytest.raises(TrackingError, match=f"^pipeline.tracking_uri: MLflow at {dead} does not answer"):
         _call_flow(finetune, config=cfg)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_finetune_with_warm_start_reports_the_gain_and_promotes(
+    tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str, prefect_harness: None
+) -> None:
+    """With the warm start on: its evaluation (step 0) is the baseline, the final adapter is
+    compared with it (McNemar), accuracy against wall clock is logged, versions register and
+    promote moves the alias as before."""
+    from flows.finetune import finetune
+    from flows.promote import promote
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, mlflow_uri, "sft", "sft.enabled=true", "sft.max_steps=3",
+                      "sft.batch_size=8", "sft.warmup_steps=0", "eval.sampled_problems=4")
+    summary = finetune(config=cfg)
+    client = MlflowClient(mlflow_uri)
+    run_id = summary["run_id"]
+    assert metric_steps(client, run_id, "sft/loss") == [1, 2, 3]
+    assert metric_steps(client, run_id, "eval/accuracy") == [0, 2, 4]
+    assert metric_steps(client, run_id, "eval/sampled_accuracy") == [0, 2, 4]
+    assert metric_steps(client, run_id, "compare/mcnemar_z") == [4]
+    assert "plots/accuracy_vs_time.png" in {f.path for f in client.list_artifacts(run_id, "plots")}
+    report = flow_artifacts(summary["flow_run_id"])["grpo-learning"][0].data
+    assert "McNemar" in report and "| 0 |" in report
+
+    versions = client.search_model_versions("name = 'lora-sft'")
+    assert versions and all(v.tags["step"] in {"2", "4"} for v in versions)
+    decision = promote(model_name="lora-sft")
+    assert tracking.get_alias_version(mlflow_uri, "lora-sft", "champion") == str(decision["champion"])
