@@ -51,8 +51,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grpo.config import GenerationConfig
-from grpo.models import stop_token_ids
-from grpo.rollout import SAMPLERS, Rollout, _completion_texts, _unique, pick_tokens, tokenize_prompts
+from grpo.rollout import (
+    SAMPLERS, Rollout, TransformersGenerator, _completion_texts, _unique, pick_tokens, tokenize_prompts,
+)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -901,7 +902,7 @@ def selective_head_logprobs(
 # --------------------------------------------------------------------------- generator
 
 
-class FastGenerator:
+class FastGenerator(TransformersGenerator):
     """`TransformersGenerator`'s interface on a FastQwen2: prompts in, a `Rollout` out.
 
     Generation weights are a merged snapshot: call `sync_weights(model)` after every optimizer
@@ -917,25 +918,16 @@ class FastGenerator:
         stop_ids: list[int] | None = None,
         sampler: str | None = None,
     ) -> None:
+        super().__init__(model, tokenizer, gen, stop_ids=stop_ids)
         self.sampler = sampler or gen.sampler
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler is {self.sampler!r}; use one of {SAMPLERS}")
         self.fast = FastQwen2(model)
-        self.tokenizer = tokenizer
-        self.gen = gen
-        self.stop_ids = list(stop_token_ids(tokenizer) if stop_ids is None else stop_ids)
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.stop_ids[0])
 
     def sync_weights(self, model: Any) -> None:
         """Merge the current adapter into the generation weights."""
+        self.model = model
         self.fast.sync(model)
-
-    def sleep(self) -> None:
-        """No-op (vLLM frees its memory here)."""
-
-    def wake(self) -> None:
-        """No-op."""
 
     def generate(
         self,
