@@ -88,14 +88,14 @@ SAMPLERS = ("multinomial", "inverse_cdf")
 
 
 def pick_tokens(
-    logits: Tensor,
+    logits: torch.Tensor,
     greedy: bool,
     generator: torch.Generator | None,
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
     sampler: str = "multinomial",
-) -> Tensor:
+) -> torch.Tensor:
     """Next token per row: argmax, or a draw from softmax(logits / temperature) after top-k and
     top-p (`filter_logits`).
 

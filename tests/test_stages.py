@@ -17,33 +17,7 @@ from mlflow import MlflowClient
 
 from grpo import stages, tracking
 from grpo.config import RunConfig, load_config
-
-TINY = [
-    "generation.max_new_tokens=16",
-    "train.prompts_per_step=2",
-    "train.group_size=4",
-    "train.micro_batch_size=8",
-    "eval.num_problems=8",
-    "eval.batch_size=8",
-    "eval.samples_logged=4",
-    "data.generate_rows=200",
-    "pipeline.rounds=2",
-    "pipeline.steps_per_round=2",
-]
-
-
-def tiny_config(tmp_path: Path, model_dir: Path, uri: str, name: str, *extra: str) -> RunConfig:
-    return load_config(None, [
-        *TINY,
-        f"model.name_or_path={model_dir}",
-        "model.build_tiny_if_missing=false",
-        f"pipeline.output_dir={tmp_path / 'runs'}",
-        f"data.cache_dir={tmp_path / 'data'}",
-        f"pipeline.tracking_uri={uri}",
-        f"pipeline.experiment=exp-{name}",
-        f"pipeline.registered_model=lora-{name}",
-        *extra,
-    ])
+from pipeline_config import tiny_config
 
 
 def test_tiny_cpu_yaml_is_the_embedded_default() -> None:
