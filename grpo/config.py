@@ -200,12 +200,12 @@ class GenerationConfig(Section):
 class TrainConfig(Section):
     """The GRPO update."""
 
-    prompts_per_step: int = Field(8, ge=1, description="B: prompts per step.")
+    prompts_per_step: int = Field(16, ge=1, description="B: prompts per step.")
     group_size: int = Field(8, description="G: completions per prompt (>= 2).")
     micro_batch_size: int = Field(
         32, ge=1, description="Sequences per forward/backward; must divide prompts_per_step * group_size."
     )
-    learning_rate: float = Field(5e-4, gt=0.0, description="AdamW learning rate.")
+    learning_rate: float = Field(3e-4, gt=0.0, description="AdamW learning rate.")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="After warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -255,21 +255,23 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     """Held-out evaluation after every round."""
 
-    num_problems: int = Field(200, ge=1, description="Held-out problems evaluated (greedy).")
+    num_problems: int = Field(1000, ge=1, description="Held-out problems evaluated (greedy).")
     batch_size: int = Field(64, ge=1, description="Prompts per generation call.")
-    pass_k: int = Field(0, ge=0, description="k for sampled pass@k (0 = off).")
-    sampled_problems: int = Field(0, ge=0, description="Problems for sampled accuracy (0 = off).")
+    pass_k: int = Field(4, ge=0, description="k for sampled pass@k (0 = off; k samples per problem).")
+    sampled_problems: int = Field(
+        500, ge=0, description="Problems for sampled accuracy at the training temperature (0 = off)."
+    )
     samples_logged: int = Field(16, ge=0, description="Completions kept in the MLflow table.")
 
 
 class SFTConfig(Section):
     """Optional supervised warm start on solver-written completions (off in the reference recipe)."""
 
-    enabled: bool = Field(False, description="Run the warm start before GRPO.")
-    max_steps: int = Field(200, ge=1, description="Step budget.")
+    enabled: bool = Field(True, description="Run the warm start before GRPO (on in the tiny CPU default).")
+    max_steps: int = Field(1500, ge=1, description="Step budget (1500 x 32: about 4-5 min on 2 cores).")
     max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget; None = steps only.")
     learning_rate: float = Field(3e-3, gt=0.0, description="AdamW learning rate.")
-    batch_size: int = Field(64, ge=1, description="Examples per step.")
+    batch_size: int = Field(32, ge=1, description="Examples per step.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps before the cosine decay.")
     seed: int = Field(0, description="Seed of the example order.")
 
@@ -277,9 +279,9 @@ class SFTConfig(Section):
 class PipelineConfig(Section):
     """Rounds, outputs and MLflow names."""
 
-    rounds: int = Field(3, ge=1, description="GRPO rounds; each is followed by an evaluation.")
-    steps_per_round: int = Field(10, ge=1, description="GRPO steps per round (= evaluation period).")
-    output_dir: str = Field("runs", description="Checkpoints go to <output_dir>/<run name>/.")
+    rounds: int = Field(4, ge=1, description="GRPO rounds; each is followed by an evaluation.")
+    steps_per_round: int = Field(60, ge=1, description="GRPO steps per round (= evaluation period).")
+    output_dir: str = Field("runs", description="Checkpoints go to <output_dir>/<MLflow run id>/.")
     experiment: str = Field("grpo-countdown", description="MLflow experiment.")
     registered_model: str = Field("countdown-lora", description="MLflow registered model name.")
     champion_alias: str = Field("champion", description="Alias moved by the promote flow.")

@@ -17,6 +17,7 @@ TINY = [
     "data.generate_rows=200",
     "pipeline.rounds=2",
     "pipeline.steps_per_round=2",
+    "sft.enabled=false",
 ]
 
 

@@ -92,6 +92,7 @@ def tiny_config(stack: Stack, model_dir: Path, name: str, **train: Any) -> dict[
         "train": {"prompts_per_step": 2, "group_size": 4, "micro_batch_size": 8, **train},
         "eval": {"num_problems": 8, "batch_size": 8, "samples_logged": 4},
         "data": {"generate_rows": 200, "cache_dir": str(stack.work / "data")},
+        "sft": {"enabled": False},
         "pipeline": {
             "rounds": 1,
             "steps_per_round": 2,
