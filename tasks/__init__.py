@@ -13,6 +13,6 @@ stages carry their own caches (prepared splits on disk, checkpoints, registry ta
 
 from __future__ import annotations
 
-from tasks.retry import BACKOFF_SECONDS, RETRIES, retry_unless_user_error
+from tasks.retry import BACKOFF_SECONDS, RETRIES, RETRY_OPTIONS, retry_unless_user_error
 
-__all__ = ["BACKOFF_SECONDS", "RETRIES", "retry_unless_user_error"]
+__all__ = ["BACKOFF_SECONDS", "RETRIES", "RETRY_OPTIONS", "retry_unless_user_error"]

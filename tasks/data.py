@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from grpo import countdown, stages
 from grpo.config import RunConfig
-from tasks.retry import BACKOFF_SECONDS, RETRIES, retry_unless_user_error
+from tasks.retry import RETRY_OPTIONS
 
 
 @task(name="preflight", cache_policy=NO_CACHE)
@@ -26,10 +25,7 @@ def preflight(config: RunConfig) -> None:
 
 @task(
     name="prepare-dataset",
-    retries=RETRIES,
-    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
-    retry_condition_fn=retry_unless_user_error,
-    cache_policy=NO_CACHE,
+    **RETRY_OPTIONS,
 )
 def prepare_dataset(config: RunConfig) -> countdown.DatasetRef:
     """Train/test splits on disk with their content hash; reused when the inputs are unchanged."""

@@ -10,24 +10,19 @@ sample completions.
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from grpo import stages
 from grpo.checkpoint import CheckpointRef
 from grpo.config import EvalConfig, RunConfig
 from grpo.countdown import DatasetRef
 from grpo.evaluate import EvalResult
-from tasks.retry import BACKOFF_SECONDS, RETRIES, retry_unless_user_error
+from tasks.retry import RETRY_OPTIONS
 
 
 @task(
     name="evaluate",
     task_run_name="evaluate-step-{ckpt_ref.step}",
-    retries=RETRIES,
-    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
-    retry_condition_fn=retry_unless_user_error,
-    cache_policy=NO_CACHE,
+    **RETRY_OPTIONS,
 )
 def evaluate(
     config: RunConfig, ckpt_ref: CheckpointRef, dataset_ref: DatasetRef, run_id: str, tracking_uri: str
@@ -38,17 +33,14 @@ def evaluate(
 
 @task(
     name="evaluate-baseline",
-    retries=RETRIES,
-    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
-    retry_condition_fn=retry_unless_user_error,
-    cache_policy=NO_CACHE,
+    **RETRY_OPTIONS,
 )
 def evaluate_baseline(config: RunConfig, dataset_ref: DatasetRef, run_id: str, tracking_uri: str) -> EvalResult:
     """Held-out accuracy of the policy GRPO starts from (step 0): the rounds' baseline."""
     return stages.evaluate_baseline(config, dataset_ref, run_id, tracking_uri)
 
 
-@task(name="learning-report", retries=RETRIES, retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE)
+@task(name="learning-report", **RETRY_OPTIONS)
 def learning_report(
     tracking_uri: str, run_id: str, baseline: EvalResult, rounds: list[EvalResult], title: str = ""
 ) -> str:
@@ -59,10 +51,7 @@ def learning_report(
 @task(
     name="evaluate-version",
     task_run_name="evaluate-version-{version}",
-    retries=RETRIES,
-    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
-    retry_condition_fn=retry_unless_user_error,
-    cache_policy=NO_CACHE,
+    **RETRY_OPTIONS,
 )
 def evaluate_version(
     tracking_uri: str,

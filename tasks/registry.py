@@ -13,37 +13,28 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from grpo import stages
 from grpo.checkpoint import CheckpointRef
 from grpo.config import EvalConfig, RunConfig
 from grpo.countdown import DatasetRef
 from grpo.evaluate import EvalResult
-from tasks.retry import BACKOFF_SECONDS, RETRIES, retry_unless_user_error
-
-_RETRY = dict(
-    retries=RETRIES,
-    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
-    retry_condition_fn=retry_unless_user_error,
-    cache_policy=NO_CACHE,
-)
+from tasks.retry import RETRY_OPTIONS
 
 
-@task(name="open-mlflow-run", **_RETRY)
+@task(name="open-mlflow-run", **RETRY_OPTIONS)
 def open_run(config: RunConfig, tracking_uri: str, flow_run_id: str | None = None) -> str:
     """The MLflow run of this flow run (found again when the flow run is retried); its id."""
     return stages.open_run(config, tracking_uri, flow_run_id)
 
 
-@task(name="close-mlflow-run", **_RETRY)
+@task(name="close-mlflow-run", **RETRY_OPTIONS)
 def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED", title: str | None = None) -> None:
     """Log the curves and end the MLflow run with `status`."""
     stages.close_run(tracking_uri, run_id, status, title)
 
 
-@task(name="register-elite", task_run_name="register-elite-step-{ckpt_ref.step}", **_RETRY)
+@task(name="register-elite", task_run_name="register-elite-step-{ckpt_ref.step}", **RETRY_OPTIONS)
 def register_elite(
     config: RunConfig,
     ckpt_ref: CheckpointRef,
@@ -59,7 +50,7 @@ def register_elite(
     )
 
 
-@task(name="promotion-candidates", **_RETRY)
+@task(name="promotion-candidates", **RETRY_OPTIONS)
 def promotion_candidates(
     tracking_uri: str, model_name: str, version: int | None, alias: str, metric: str
 ) -> dict[str, Any]:
@@ -67,7 +58,7 @@ def promotion_candidates(
     return stages.promotion_candidates(tracking_uri, model_name, version, alias, metric)
 
 
-@task(name="held-out-split", **_RETRY)
+@task(name="held-out-split", **RETRY_OPTIONS)
 def held_out(
     tracking_uri: str, model_name: str, version: str, config: RunConfig | None
 ) -> tuple[str, EvalConfig]:
@@ -75,7 +66,7 @@ def held_out(
     return stages.held_out(tracking_uri, model_name, version, config)
 
 
-@task(name="decide-promotion", **_RETRY)
+@task(name="decide-promotion", **RETRY_OPTIONS)
 def decide_promotion(
     tracking_uri: str,
     candidates: dict[str, Any],

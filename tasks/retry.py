@@ -1,7 +1,6 @@
 """Retry policy shared by the pipeline's Prefect tasks.
 
-    @task(retries=RETRIES, retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
-          retry_condition_fn=retry_unless_user_error)
+    @task(name="train-round", **RETRY_OPTIONS)
 
 A `grpo.errors.UserError` (config, data, path) does not heal by waiting, so it is never retried.
 """
@@ -9,6 +8,9 @@ A `grpo.errors.UserError` (config, data, path) does not heal by waiting, so it i
 from __future__ import annotations
 
 from typing import Any
+
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from grpo.errors import UserError
 
@@ -27,3 +29,12 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     except BaseException:
         return True
     return True
+
+
+RETRY_OPTIONS: dict[str, Any] = {
+    "retries": RETRIES,
+    "retry_delay_seconds": exponential_backoff(BACKOFF_SECONDS),
+    "retry_condition_fn": retry_unless_user_error,
+    "cache_policy": NO_CACHE,  # stages resume from disk and MLflow, not from Prefect's cache
+}
+"""The `@task` options every pipeline task with work to redo shares."""

@@ -10,22 +10,17 @@ not log a metric step twice; after a finished round it returns that round's chec
 from __future__ import annotations
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from grpo import stages
 from grpo.checkpoint import CheckpointRef
 from grpo.config import RunConfig
 from grpo.countdown import DatasetRef
-from tasks.retry import BACKOFF_SECONDS, RETRIES, retry_unless_user_error
+from tasks.retry import RETRY_OPTIONS
 
 
 @task(
     name="warm-start",
-    retries=RETRIES,
-    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
-    retry_condition_fn=retry_unless_user_error,
-    cache_policy=NO_CACHE,
+    **RETRY_OPTIONS,
 )
 def warm_start(config: RunConfig, dataset_ref: DatasetRef, run_id: str, tracking_uri: str) -> str:
     """Supervised warm start (sft.enabled); returns the folder of the warm-started base model."""
@@ -35,10 +30,7 @@ def warm_start(config: RunConfig, dataset_ref: DatasetRef, run_id: str, tracking
 @task(
     name="train-round",
     task_run_name="train-round-{round_index}",
-    retries=RETRIES,
-    retry_delay_seconds=exponential_backoff(BACKOFF_SECONDS),
-    retry_condition_fn=retry_unless_user_error,
-    cache_policy=NO_CACHE,
+    **RETRY_OPTIONS,
 )
 def train_round(
     config: RunConfig, dataset_ref: DatasetRef, round_index: int, run_id: str, tracking_uri: str
