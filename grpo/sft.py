@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from grpo.config import Conversation, RunConfig
 from grpo.countdown import build_prompt, solve_steps
+from grpo.fastpath import keep_freed_memory
 
 IGNORE_INDEX = -100
 """Label of tokens the loss skips (prompt and padding)."""
@@ -192,6 +193,8 @@ def train_sft(
     if not params:
         raise ValueError("the model has no trainable parameters")
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
     budget_s = s.max_minutes * 60.0 if s.max_minutes else None

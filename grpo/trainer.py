@@ -34,7 +34,7 @@ from grpo.algorithm import completion_logprobs, group_advantages, policy_update
 from grpo.config import RunConfig
 from grpo.countdown import build_prompt
 from grpo.distributed import average_gradients, gather_metrics
-from grpo.fastpath import completion_logprobs_fast
+from grpo.fastpath import completion_logprobs_fast, keep_freed_memory
 from grpo.rewards import get_rewards
 from grpo.rollout import Rollout, make_generator
 
@@ -144,6 +144,8 @@ class GRPOTrainer:
     ) -> None:
         self.cfg = cfg
         self.model = model
+        if next(model.parameters()).device.type == "cpu":
+            keep_freed_memory()  # activations are re-used across steps instead of re-faulted
         self.tokenizer = tokenizer
         self.rows = train_rows
         self.generator = generator or make_generator(model, tokenizer, cfg.generation, cfg.model)

@@ -20,6 +20,8 @@ from grpo.fastpath import (
     FastGenerator,
     FastQwen2,
     completion_logprobs_fast,
+    dropout_keep,
+    keep_freed_memory,
     linear,
     onednn_linear_available,
     pick_tokens,
@@ -459,3 +461,35 @@ def test_supported_and_unsupported_adapters() -> None:
     merged = peft.get_peft_model(_tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
     merged.merge_adapter()
     assert not supports(merged)
+
+
+@pytest.mark.parametrize("p, gaps_per_draw", [(0.05, 0), (0.05, 7), (0.2, 0), (0.5, 0)])
+def test_dropout_keep_is_independent_bernoulli(p: float, gaps_per_draw: int) -> None:
+    """Drop rate p, no correlation between neighbours (drawn pairs ~ p^2), a fixed stream under
+    torch.manual_seed; gaps_per_draw=7 forces many batches of gaps (the loop's other branch);
+    p=0.5 takes the rand >= p branch."""
+    n = 400_000
+    torch.manual_seed(3)
+    keep = dropout_keep((400, 1000), p, torch.float32, torch.device("cpu"), gaps_per_draw=gaps_per_draw)
+    assert keep.shape == (400, 1000) and set(keep.unique().tolist()) <= {0.0, 1.0}
+    drop = 1.0 - keep.reshape(-1)
+    se = (p * (1 - p) / n) ** 0.5
+    assert abs(drop.mean().item() - p) < 5 * se
+    pairs = (drop[1:] * drop[:-1]).mean().item()  # both of two neighbours dropped
+    assert abs(pairs - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+    torch.manual_seed(3)
+    again = dropout_keep((400, 1000), p, torch.float32, torch.device("cpu"), gaps_per_draw=gaps_per_draw)
+    assert torch.equal(keep, again)
+    assert not torch.equal(keep, dropout_keep((400, 1000), p, torch.float32, torch.device("cpu")))
+    if gaps_per_draw:  # batches of gaps read the same sequence of draws as one batch: the same mask
+        torch.manual_seed(3)
+        assert torch.equal(keep, dropout_keep((400, 1000), p, torch.float32, torch.device("cpu")))
+
+
+def test_keep_freed_memory_is_idempotent() -> None:
+    import platform
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() == first
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first is True
