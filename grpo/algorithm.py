@@ -235,9 +235,11 @@ def policy_update(
     is needed when `cfg.beta > 0`. `grad_hook(params)`, if given, is called with the trainable
     parameters once all micro-batches' gradients are accumulated and before clipping (data
     parallelism averages them across ranks there). The caller sets train/eval mode. Returns
-    loss, kl, clip_low, clip_high, clip_fraction, ratio and grad_norm (before clipping),
-    averaged over the epochs, and the seconds spent in forward, backward and optimizer
-    (`time/forward_s`, `time/backward_s`, `time/optimizer_s`, summed). `logprobs_fn` replaces
+    loss, kl, clip_low, clip_high, clip_fraction, ratio, grad_norm (before clipping) and
+    skipped_rows, averaged over the epochs, and the seconds spent in forward, backward and
+    optimizer (`time/forward_s`, `time/backward_s`, `time/optimizer_s`, summed). With beta 0,
+    one epoch and no `old_logp`, rows whose advantage is exactly 0 (groups of equal rewards) add
+    nothing to the loss or its gradient and are not run (`skipped_rows`); results are the same. `logprobs_fn` replaces
     `completion_logprobs` (same signature), e.g. by `grpo.fastpath.completion_logprobs_fast`.
     """
     if cfg.num_iterations > 1 and old_logp is None:
@@ -262,6 +264,9 @@ def policy_update(
         t0 = time.perf_counter()
         if grad_hook is not None:
             grad_hook(params)
+        for p in params:  # every row skipped: the optimizer still steps, as on a zero gradient
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         epoch["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()
         if scheduler is not None:
@@ -296,8 +301,15 @@ def _accumulate_gradients(
     n = mask.shape[0]
     loss_sum = t_forward = t_backward = 0.0
     weighted = {"kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_fraction": 0.0, "ratio": 0.0}
-    for start in range(0, n, cfg.micro_batch_size):
-        rows = slice(start, start + cfg.micro_batch_size)
+    order = torch.arange(n)  # (n_run,) the rows that run forward and backward
+    if cfg.beta == 0 and ref_logp is None and old_logp is None and cfg.num_iterations == 1:
+        # Without a KL term and with ratio = 1, a row whose advantage is 0 adds exactly 0 to the
+        # loss and to its gradient: only the other rows run. The skipped tokens' stats are known
+        # (kl 0, no clipping, ratio 1) and are added below, so every number is the same.
+        order = (adv != 0).nonzero().squeeze(1).cpu()  # (n_run,)
+        weighted["ratio"] = num_tokens - float(mask[order.to(mask.device)].sum())
+    for start in range(0, int(order.shape[0]), cfg.micro_batch_size):
+        rows = order[start : start + cfg.micro_batch_size]  # (n,) row indices
         t0 = time.perf_counter()
         logp = logprobs_fn(
             model,
@@ -324,6 +336,7 @@ def _accumulate_gradients(
             weighted[k] += float(stats[k]) * float(stats["num_tokens"])
     out = {k: v / max(num_tokens, 1.0) for k, v in weighted.items()}
     out["loss"] = loss_sum
+    out["skipped_rows"] = float(n - order.shape[0])
     out["time/forward_s"] = t_forward
     out["time/backward_s"] = t_backward
     return out

@@ -375,6 +375,35 @@ def test_micro_batches_give_full_batch_gradient(setup, loss_type, mask_truncated
         assert m_full["kl"] > 0 and m_full["kl"] == pytest.approx(m_quarter["kl"], rel=1e-9)
 
 
+@pytest.mark.parametrize("micro", [8, 2])
+def test_zero_advantage_rows_are_skipped_with_the_same_result(setup, micro):
+    """beta 0, one epoch: the rows of a group whose rewards are all equal (advantage 0) do not
+    run, and the gradient, loss and stats equal the full-batch reference over all rows."""
+    model, rollout, _ = setup
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0], dtype=torch.float64)
+    adv = group_advantages(rewards, 4)
+    assert (adv[:4] == 0).all() and (adv[4:] != 0).all()
+    delta, metrics = one_sgd_step(model, rollout, adv, train_cfg(micro_batch_size=micro))
+    expect, expect_loss = reference_grad(model, rollout, adv, loss_type="grpo", mask_truncated=False)
+    assert expect.abs().max() > 1e-6
+    torch.testing.assert_close(delta, expect, atol=1e-9, rtol=1e-7)
+    assert metrics["skipped_rows"] == 4
+    assert metrics["loss"] == pytest.approx(expect_loss, rel=1e-9, abs=1e-12)
+    assert metrics["ratio"] == pytest.approx(1.0) and metrics["clip_fraction"] == 0.0 and metrics["kl"] == 0.0
+
+
+def test_all_rows_skipped_still_steps_the_optimizer(setup):
+    """Every advantage 0: no forward runs, yet AdamW steps as on a zero gradient (weight decay)."""
+    model, rollout, _ = setup
+    adv = torch.zeros(8, dtype=torch.float64)
+    m = copy.deepcopy(model)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.5)
+    metrics = policy_update(m, opt, rollout, adv, cfg=train_cfg(), temperature=0.9, max_new_tokens=5)
+    assert metrics["skipped_rows"] == 8 and metrics["loss"] == 0.0 and metrics["grad_norm"] == 0.0
+    for p0, p1 in zip(model.parameters(), m.parameters()):
+        torch.testing.assert_close(p1, p0 * (1 - 0.1 * 0.5))
+
+
 def test_grad_norm_is_clipped(setup):
     model, rollout, adv = setup
     expect, _ = reference_grad(model, rollout, adv, loss_type="grpo", mask_truncated=False)
