@@ -280,7 +280,7 @@ class PipelineConfig(Section):
     """Rounds, outputs and MLflow names."""
 
     rounds: int = Field(4, ge=1, description="GRPO rounds; each is followed by an evaluation.")
-    steps_per_round: int = Field(150, ge=1, description="GRPO steps per round (= evaluation period).")
+    steps_per_round: int = Field(300, ge=1, description="GRPO steps per round (= evaluation period).")
     output_dir: str = Field("runs", description="Checkpoints go to <output_dir>/<MLflow run id>/.")
     experiment: str = Field("grpo-countdown", description="MLflow experiment.")
     registered_model: str = Field("countdown-lora", description="MLflow registered model name.")
