@@ -95,22 +95,20 @@ def completion_logprobs(
     T + 1 positions only (`logits_to_keep`). Values at masked completion positions are finite
     but meaningless. Gradients flow unless the caller wraps this in `torch.no_grad()`.
     """
-    n = prompt_ids.shape[0]
-    step = micro_batch_size or n
-    chunks = []
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
-        chunks.append(
-            _forward_logprobs(
-                model,
-                prompt_ids[rows],  # (n, P)
-                prompt_mask[rows],  # (n, P)
-                completion_ids[rows],  # (n, T)
-                completion_mask[rows],  # (n, T)
-                temperature,
-            )
-        )
-    return torch.cat(chunks, dim=0)  # (N, T)
+    return in_row_blocks(
+        lambda *block: _forward_logprobs(model, *block, temperature),
+        (prompt_ids, prompt_mask, completion_ids, completion_mask),
+        micro_batch_size,
+    )  # (N, T)
+
+
+def in_row_blocks(fn: Callable[..., Tensor], tensors: tuple[Tensor, ...], block_rows: int | None) -> Tensor:
+    """fn(*(t[rows] for t in tensors)) on consecutive blocks of `block_rows` rows (all rows at
+    once when None), results concatenated along dim 0: e.g. (N, P), (N, T) inputs -> (N, T)."""
+    n = tensors[0].shape[0]
+    step = block_rows or n
+    chunks = [fn(*(t[start : start + step] for t in tensors)) for start in range(0, n, step)]
+    return torch.cat(chunks, dim=0) if len(chunks) > 1 else chunks[0]
 
 
 def _forward_logprobs(

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from grpo.algorithm import in_row_blocks
 from grpo.config import GenerationConfig
 from grpo.rollout import (
     SAMPLERS, Rollout, TransformersGenerator, _completion_texts, _unique, pick_tokens, tokenize_prompts,
@@ -781,24 +782,11 @@ def completion_logprobs_fast(
     of a block once and repeats its keys/values for its rows.
     """
     fast = _as_fast(model_or_fast)
-    n = prompt_ids.shape[0]
-    step = micro_batch_size or n
-    chunks = []
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
-        chunks.append(
-            _block_logprobs(
-                fast,
-                prompt_ids[rows],  # (n, P)
-                prompt_mask[rows],  # (n, P)
-                completion_ids[rows],  # (n, T)
-                completion_mask[rows],  # (n, T)
-                temperature,
-                use_adapter,
-                share_prompts,
-            )
-        )
-    return torch.cat(chunks, dim=0) if len(chunks) > 1 else chunks[0]  # (N, T)
+    return in_row_blocks(
+        lambda *block: _block_logprobs(fast, *block, temperature, use_adapter, share_prompts),
+        (prompt_ids, prompt_mask, completion_ids, completion_mask),
+        micro_batch_size,
+    )  # (N, T)
 
 
 def _block_logprobs(
