@@ -237,8 +237,9 @@ def policy_update(
     skipped_rows, averaged over the epochs, and the seconds spent in forward, backward and
     optimizer (`time/forward_s`, `time/backward_s`, `time/optimizer_s`, summed). With beta 0,
     one epoch and no `old_logp`, rows whose advantage is exactly 0 (groups of equal rewards) add
-    nothing to the loss or its gradient and are not run (`skipped_rows`); results are the same. `logprobs_fn` replaces
-    `completion_logprobs` (same signature), e.g. by `grpo.fastpath.completion_logprobs_fast`.
+    nothing to the loss or its gradient and are not run (`skipped_rows`); results are the same.
+    `logprobs_fn` replaces `completion_logprobs` (same signature), e.g. by
+    `grpo.fastpath.completion_logprobs_fast`.
     """
     if cfg.num_iterations > 1 and old_logp is None:
         raise ValueError(

@@ -43,6 +43,8 @@ T completion tokens, V vocabulary, H hidden size, D head dim, L sequence length,
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -63,9 +65,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # --------------------------------------------------------------------------- CPU runtime
 
 
-_MALLOC_TUNED = False
-
-
+@functools.cache
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed blocks of up to 32 MiB in the process (mallopt
     M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 2 GiB) instead of returning each to the kernel.
@@ -77,19 +77,12 @@ def keep_freed_memory() -> bool:
     memory is unchanged (freed blocks are reused, not added). Returns False where there is no
     glibc (macOS, Windows, musl): nothing is changed there.
     """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return True
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+        return libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
     except (OSError, AttributeError):
         return False
-    _MALLOC_TUNED = ok
-    return ok
 
 
 def dropout_keep(
