@@ -25,13 +25,7 @@ from grpo.rollout import (
 USERS = ["nums: 1 2 3 target: 6", "nums: 93 4 68 target: 29, and a longer prompt than the others", "x"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The CI machine's cores are shared: intra-op threads contend badly, one is faster here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

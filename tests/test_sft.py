@@ -36,14 +36,7 @@ from grpo.sft import (
 SHORT_SFT = {"max_steps": 300, "batch_size": 32, "learning_rate": 3e-3, "warmup_steps": 10, "seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, oversubscribed CPU two spinning OpenMP threads can run
-    10-100x slower than one (results are the same either way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows_scores(rows) -> tuple[list[float], list[float]]:
