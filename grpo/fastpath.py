@@ -90,18 +90,27 @@ def dropout_keep(
 ) -> Tensor:
     """A dropout keep mask: independent Bernoulli(1 - p) entries, 1.0 kept / 0.0 dropped.
 
-    On CPU, for small p, it draws the gaps between dropped positions instead of one uniform per
-    entry: gap = ceil(log(1 - u) / log(1 - p)) for u uniform in [0, 1) is Geometric(p), so the
-    positions are those of an i.i.d. Bernoulli(p) sequence, from about p times as many random
-    numbers (4x faster at p = 0.05). The draws come from the global torch RNG, so
-    `torch.manual_seed` still fixes the mask. Elsewhere, or for p above 0.25, `rand >= p`.
-    `gaps_per_draw` (0: enough for the whole mask but for ~1e-9 of draws) sizes each batch of gaps.
+    On CPU, for p up to 0.25, the zeros are at `dropped_positions` (about p times as many random
+    numbers as entries, 4x faster at p = 0.05); elsewhere `rand >= p`. The draws come from the
+    global torch RNG, so `torch.manual_seed` fixes the mask.
     """
     if device.type != "cpu" or p > 0.25:
         return torch.rand(shape, device=device, dtype=torch.float32).ge_(p).to(dtype)
-    n = math.prod(shape)
-    keep = torch.ones(n, dtype=dtype, device=device)  # (n,)
+    keep = torch.ones(math.prod(shape), dtype=dtype, device=device)  # (n,)
+    keep.index_fill_(0, dropped_positions(keep.shape[0], p, device, gaps_per_draw=gaps_per_draw), 0)
+    return keep.view(shape)
+
+
+def dropped_positions(n: int, p: float, device: torch.device, *, gaps_per_draw: int = 0) -> Tensor:
+    """Ascending flat positions (k,) of the dropped entries of n independent Bernoulli(p) draws.
+
+    It draws the gaps between dropped positions instead of one uniform per entry:
+    gap = ceil(log(1 - u) / log(1 - p)) for u uniform in [0, 1) is Geometric(p), so the positions
+    are those of an i.i.d. Bernoulli(p) sequence, from about n p float64 uniforms of the global
+    torch RNG. `gaps_per_draw` (0: enough for all n but for ~1e-9 of draws) sizes each batch.
+    """
     log_q = math.log1p(-p)
+    found: list[Tensor] = []
     start = 0
     while start < n:
         mean = (n - start) * p
@@ -110,9 +119,9 @@ def dropout_keep(
         gaps = torch.log1p(u.neg_()).div_(log_q).ceil_().clamp_(min=1)  # (k,) Geometric(p), >= 1
         drops = gaps.cumsum_(0).add_(start - 1).long()  # (k,) ascending flat positions of drops
         inside = int(torch.searchsorted(drops, n))  # drops[:inside] < n
-        keep.index_fill_(0, drops[:inside], 0)
+        found.append(drops[:inside])
         start = int(drops[-1]) + 1
-    return keep.view(shape)
+    return found[0] if len(found) == 1 else torch.cat(found)
 
 
 # --------------------------------------------------------------------------- linear layers
@@ -142,6 +151,32 @@ def _dnn(x: Tensor, w: Tensor, b: Tensor | None, add: Tensor | None) -> Tensor:
     if b is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, b, "add")
     return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, None, "add")
+
+
+class _DroppedLinear(torch.autograd.Function):
+    """dropout(x) A^T for a dropout given as the flat positions of its dropped entries (the
+    1 / (1 - p) left to the caller): the forward zeroes them in a copy of x, the backward in the
+    input gradient. Sparse writes where a keep mask costs two full-size multiplies and the mask."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, a: Tensor, drops: Tensor, dnn: bool) -> Tensor:
+        xd = torch.clone(x, memory_format=torch.contiguous_format)  # (..., in)
+        xd.view(-1).index_fill_(0, drops, 0)
+        ctx.save_for_backward(xd, a, drops)
+        ctx.dnn = dnn
+        return _dnn(xd, a, None, None) if dnn else F.linear(xd, a)  # (..., r)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        xd, a, drops = ctx.saved_tensors
+        gx = ga = None
+        if ctx.needs_input_grad[0]:
+            gx = _dnn(g, a.t().contiguous(), None, None) if ctx.dnn else g.matmul(a)  # (..., in)
+            gx.view(-1).index_fill_(0, drops, 0)
+        if ctx.needs_input_grad[1]:
+            g2, x2 = g.reshape(-1, g.shape[-1]), xd.reshape(-1, xd.shape[-1])  # (M, r), (M, in)
+            ga = _dnn(g2.t(), x2.t(), None, None) if ctx.dnn else g2.t().mm(x2)  # (r, in)
+        return gx, ga, None, None
 
 
 class _DnnLinear(torch.autograd.Function):
@@ -450,7 +485,8 @@ class FastQwen2:
 
         As peft's lora.Linear: dropout (p of the module's lora_dropout, only while that module is
         in training mode) draws its own mask for each projection from the global RNG
-        (`dropout_keep`), and 1 / (1 - p) and the scaling are folded into B (an (out, r) matrix).
+        (`dropped_positions` / `dropout_keep`), and 1 / (1 - p) and the scaling are folded into B
+        (an (out, r) matrix).
         """
         dnn = self.dnn
         y = linear(x, lay.w[name], lay.b.get(name), add=residual, wt=lay.wt.get(name), dnn=dnn)  # (..., out)
@@ -462,11 +498,15 @@ class FastQwen2:
         scale = float(mod.scaling[self.adapter])
         drop = mod.lora_dropout[self.adapter]
         p = float(getattr(drop, "p", 0.0))
-        xd = x.to(a.dtype)
-        if drop.training and p > 0:
-            xd = xd * dropout_keep(tuple(x.shape), p, xd.dtype, x.device)  # (..., in)
+        x = x.to(a.dtype)
+        if not (drop.training and p > 0):
+            xa = linear(x, a, dnn=dnn)  # (..., r)
+        else:
             scale = scale / (1.0 - p)
-        xa = linear(xd, a, dnn=dnn)  # (..., r)
+            if x.device.type == "cpu" and p <= 0.25:  # sparse: the positions of the dropped entries
+                xa = _DroppedLinear.apply(x, a, dropped_positions(x.numel(), p, x.device), dnn)  # (..., r)
+            else:
+                xa = linear(x * dropout_keep(tuple(x.shape), p, x.dtype, x.device), a, dnn=dnn)  # (..., r)
         if y.dtype != a.dtype:  # e.g. float32 adapter on a bfloat16 base: added as peft does, then cast
             return (y + linear(xa, b * scale, dnn=dnn)).to(y.dtype)  # (..., out)
         return linear(xa, b * scale, add=y, dnn=dnn)  # (..., out)

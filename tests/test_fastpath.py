@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from grpo.algorithm import completion_logprobs, grpo_loss
 from grpo.config import GenerationConfig, LoraConfig, ModelConfig
@@ -277,6 +278,39 @@ def test_lora_dropout_in_training_mode(policy) -> None:
     base_out = fast._proj(x, lay, "q_proj", False)
     err = (mean - want).abs().mean() / (want - base_out).abs().mean()
     assert err < 0.1
+
+
+def test_sparse_lora_dropout_equals_the_keep_mask(policy) -> None:
+    """On CPU the LoRA dropout zeroes the drawn positions of x and of its gradient in place of a
+    keep-mask multiply: the same output and gradients as the mask of the same draws."""
+    model, _ = policy
+    fast = FastQwen2(model)
+    lay = fast.layers[1]
+    mod = lay.lora["gate_proj"]
+    a, b = mod.lora_A[fast.adapter].weight, mod.lora_B[fast.adapter].weight  # (r, in), (out, r)
+    p, scale = mod.lora_dropout[fast.adapter].p, mod.scaling[fast.adapter]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, a.shape[1], generator=gen, requires_grad=True)
+    g = torch.randn(3, 40, b.shape[0], generator=gen)
+    model.train()
+    try:
+        torch.manual_seed(5)
+        got = fast._proj(x, lay, "gate_proj", True)
+    finally:
+        model.eval()
+    got.backward(g)
+    grads = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    torch.manual_seed(5)
+    keep = dropout_keep(tuple(x.shape), p, x.dtype, x.device)
+    assert 0 < (keep == 0).sum() < keep.numel()
+    want = F.linear(x, lay.w["gate_proj"]) + F.linear(F.linear(x * keep, a), b) * (scale / (1 - p))
+    want.backward(g)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for have, t in zip(grads, (x, a, b)):  # sums over 120 rows: oneDNN and torch round differently
+        torch.testing.assert_close(have, t.grad, atol=1e-4, rtol=1e-4)
+        t.grad = None
 
 
 # --------------------------------------------------------------------------- sampling
