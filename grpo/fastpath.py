@@ -221,10 +221,12 @@ class _DnnLinear(torch.autograd.Function):
             g2 = g.reshape(-1, g.shape[-1])  # (M, out)
             if want_w:
                 x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-                if g2.shape[1] < x2.shape[1]:  # e.g. lora_A: (r, M) @ (M, in) runs best in oneDNN
+                # oneDNN runs (small, M) @ (M, large) best: lora_A's (r, M) @ (M, in) as it is,
+                # lora_B's as (r, M) @ (M, out), transposed
+                if g2.shape[1] < x2.shape[1]:
                     gw = _dnn(g2.t(), x2.t(), None, None)  # (out, in)
-                else:  # e.g. lora_B: (out, M) @ (M, r)
-                    gw = torch.mm(x2.t(), g2).t()  # (out, in)
+                else:
+                    gw = _dnn(x2.t(), g2.t(), None, None).t()  # (out, in)
             if want_b:
                 gb = g2.sum(0)  # (out,)
         return gx, gw, gb, (g if want_add else None), None
