@@ -25,6 +25,7 @@ from grpo.fastpath import (
     keep_freed_memory,
     linear,
     onednn_linear_available,
+    onednn_packing_available,
     pick_tokens,
     selective_head_logprobs,
     supports,
@@ -170,6 +171,35 @@ def test_onednn_and_default_gemms_agree(policy) -> None:
         off = completion_logprobs_fast(fast, *args)
     torch.testing.assert_close(on, off, atol=1e-5, rtol=0)
 
+
+
+@pytest.mark.skipif(
+    not onednn_packing_available(torch.device("cpu"), torch.float32), reason="no oneDNN weight packing here"
+)
+def test_packed_weights_change_no_result(policy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen and generation weights packed for oneDNN: the same log-probs, LoRA gradients and
+    sampled tokens as the unpacked weights."""
+    model, tok = policy
+    args = batch(tok)
+    runs = []
+    for pack in (True, False):
+        if not pack:
+            monkeypatch.setattr("grpo.fastpath.onednn_packing_available", lambda *a: False)
+        fast = FastQwen2(model)
+        assert fast.pack is pack and bool(fast.layers[0].wp) is pack
+        logp = completion_logprobs_fast(fast, *args)
+        logp.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        ids, lengths, _ = fast.generate(
+            args[0][::3], args[1][::3], 100, max_new_tokens=6, generator=torch.Generator().manual_seed(1)
+        )
+        runs.append((logp.detach(), grads, ids, lengths))
+    (logp, grads, ids, lengths), (logp0, grads0, ids0, lengths0) = runs
+    torch.testing.assert_close(logp, logp0, atol=1e-6, rtol=1e-6)
+    for g, g0 in zip(grads, grads0):
+        torch.testing.assert_close(g, g0, atol=1e-6, rtol=1e-5)
+    assert torch.equal(ids, ids0) and torch.equal(lengths, lengths0)
 
 def test_temperature_and_single_token(policy) -> None:
     model, tok = policy
