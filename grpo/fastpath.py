@@ -30,7 +30,9 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   function of the weights (autograd sums the gradient over the group). One difference under LoRA
   dropout: the G rows of a prompt then share that prompt's dropout mask (peft draws one per row).
 - on CPU, float32 matmuls go through torch's oneDNN linear op (`torch.ops.mkldnn`, the op
-  inductor emits) when it is available: 2-3x faster than the default float32 GEMM here.
+  inductor emits) when it is available: 2-3x faster than the default float32 GEMM here; frozen
+  and generation weights are packed once into its blocked layout (as inductor does); attention
+  in the log-prob pass runs as two batched GEMMs with the query heads of a key head stacked.
 
 `supports(model)` names what is covered; any other model (other architecture, other adapter types,
 rope scaling, sliding windows, merged adapters) returns False and callers use the Hugging Face path.
