@@ -310,11 +310,14 @@ def test_lora_dropout_in_training_mode(policy) -> None:
     assert err < 0.1
 
 
-def test_sparse_lora_dropout_equals_the_keep_mask(policy) -> None:
+@pytest.mark.parametrize("dnn", [True, False])
+def test_sparse_lora_dropout_equals_the_keep_mask(policy, dnn: bool) -> None:
     """On CPU the LoRA dropout zeroes the drawn positions of x and of its gradient in place of a
-    keep-mask multiply: the same output and gradients as the mask of the same draws."""
+    keep-mask multiply: the same output and gradients as the mask of the same draws (through
+    oneDNN where it runs, and through torch's own GEMMs)."""
     model, _ = policy
     fast = FastQwen2(model)
+    fast.dnn = fast.dnn and dnn
     lay = fast.layers[1]
     mod = lay.lora["gate_proj"]
     a, b = mod.lora_A[fast.adapter].weight, mod.lora_B[fast.adapter].weight  # (r, in), (out, r)
