@@ -48,7 +48,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -394,15 +394,30 @@ class _Layer:
 
 @dataclass
 class _GenLayer:
-    """Generation weights of one layer: LoRA merged, q/k/v and gate/up concatenated (new tensors)."""
+    """Generation weights of one layer: LoRA merged, q/k/v and gate/up concatenated, each stored
+    transposed and contiguous (new tensors), so x @ W^T is one plain GEMM. For the few dozen rows
+    of a decode step that is the quickest form on CPU (MKL), and it is cuBLAS's native one."""
 
     ln1: Tensor  # (H,)
     ln2: Tensor  # (H,)
-    qkv: Tensor  # ((Hq + 2 Hkv) D, H)
+    qkv_t: Tensor  # (H, (Hq + 2 Hkv) D)
     qkv_b: Tensor  # ((Hq + 2 Hkv) D,)
-    o: Tensor  # (H, Hq D)
-    gate_up: Tensor  # (2 I, H)
-    down: Tensor  # (H, I)
+    o_t: Tensor  # (Hq D, H)
+    gate_up_t: Tensor  # (H, 2 I)
+    down_t: Tensor  # (I, H)
+
+
+def _mm(x: Tensor, w_t: Tensor, bias: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+    """x @ W^T (+ bias or + add) for W^T (in, out) contiguous: one GEMM over the flattened rows
+    of x (..., in) -> (..., out). No autograd beyond torch's own (generation weights are frozen)."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+    if add is not None:
+        out = torch.addmm(add.reshape(-1, w_t.shape[1]), x2, w_t)  # (M, out)
+    elif bias is not None:
+        out = torch.addmm(bias, x2, w_t)  # (M, out)
+    else:
+        out = torch.mm(x2, w_t)  # (M, out)
+    return out.view(*x.shape[:-1], w_t.shape[1])
 
 
 class FastQwen2:
@@ -491,28 +506,29 @@ class FastQwen2:
         self._collect(self.model if model is None else model)
         gen: list[_GenLayer] = []
         for lay in self.layers:
-            m = {name: self._merged(lay, name) for name in PROJECTIONS}
-            zeros = torch.zeros(m["k_proj"].shape[0], dtype=self.dtype, device=self.device)
+            m = {name: self._merged(lay, name).t() for name in PROJECTIONS}  # (in, out) views
+            zeros = torch.zeros(m["k_proj"].shape[1], dtype=self.dtype, device=self.device)
             gen.append(
                 _GenLayer(
                     ln1=lay.ln1,
                     ln2=lay.ln2,
-                    qkv=torch.cat([m["q_proj"], m["k_proj"], m["v_proj"]], dim=0),
+                    qkv_t=torch.cat([m["q_proj"], m["k_proj"], m["v_proj"]], dim=1),
                     qkv_b=torch.cat([lay.b.get(n, zeros) for n in ("q_proj", "k_proj", "v_proj")]),
-                    o=m["o_proj"],
-                    gate_up=torch.cat([m["gate_proj"], m["up_proj"]], dim=0),
-                    down=m["down_proj"],
+                    o_t=m["o_proj"].contiguous(),
+                    gate_up_t=torch.cat([m["gate_proj"], m["up_proj"]], dim=1),
+                    down_t=m["down_proj"].contiguous(),
                 )
             )
         self.gen_layers = gen
-        # the same weights packed for oneDNN, used where it runs (the decode loop's small GEMMs
-        # stay on the plain tensors)
-        self.gen_layers_dnn = gen
-        if self.pack:
-            self.gen_layers_dnn = [
-                replace(g, qkv=_packed(g.qkv), o=_packed(g.o), gate_up=_packed(g.gate_up), down=_packed(g.down))
-                for g in gen
-            ]
+        # lm_head^T for the sampling loop: the frozen head transposed once on CPU (kept across
+        # syncs while it is unmodified); a view elsewhere
+        head = self.lm_head
+        cached = getattr(self, "_head_t", None)
+        if head.device.type != "cpu":
+            self._head_t = (head, head._version, head.t())
+        elif cached is None or cached[0] is not head or cached[1] != head._version:
+            self._head_t = (head, head._version, head.t().contiguous())
+        self.lm_head_gen = self._head_t[2]  # (H, V)
 
     def _merged(self, lay: _Layer, name: str) -> Tensor:
         """Base weight with the adapter merged (a new tensor), or the base tensor itself."""
@@ -582,7 +598,7 @@ class FastQwen2:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """q (n, L, Hq D), k, v (n, L, Hkv D) of a normed input x (n, L, H)."""
         if gen is not None:
-            qkv = linear(x, gen.qkv, gen.qkv_b, dnn=self.dnn)  # (n, L, (Hq + 2 Hkv) D)
+            qkv = _mm(x, gen.qkv_t, gen.qkv_b)  # (n, L, (Hq + 2 Hkv) D)
             dq, dk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             return qkv[..., :dq], qkv[..., dq : dq + dk], qkv[..., dq + dk :]
         return (
@@ -596,8 +612,8 @@ class FastQwen2:
     ) -> Tensor:
         """residual + down(silu(gate(x)) * up(x)) for a normed x (n, L, H)."""
         if gen is not None:
-            gate, up = linear(x, gen.gate_up, dnn=self.dnn).chunk(2, dim=-1)  # (n, L, I) each
-            return linear(F.silu(gate) * up, gen.down, add=residual, dnn=self.dnn)  # (n, L, H)
+            gate, up = _mm(x, gen.gate_up_t).chunk(2, dim=-1)  # (n, L, I) each
+            return _mm(F.silu(gate) * up, gen.down_t, add=residual)  # (n, L, H)
         gate = self._proj(x, lay, "gate_proj", use_adapter)  # (n, L, I)
         up = self._proj(x, lay, "up_proj", use_adapter)  # (n, L, I)
         return self._proj(F.silu(gate) * up, lay, "down_proj", use_adapter, residual)  # (n, L, H)
@@ -607,7 +623,7 @@ class FastQwen2:
     ) -> Tensor:
         """residual + o_proj(x) for the attention output x (n, L, Hq D)."""
         if gen is not None:
-            return linear(x, gen.o, add=residual, dnn=self.dnn)
+            return _mm(x, gen.o_t, add=residual)  # (n, L, H)
         return self._proj(x, lay, "o_proj", use_adapter, residual)
 
     @staticmethod
@@ -702,7 +718,7 @@ class FastQwen2:
         cos, sin = self._rope_signed(pos, x.dtype)  # (n, L, D)
         cos, sin = cos[:, None], sin[:, None]  # (n, 1, L, D)
         for i, lay in enumerate(self.layers):
-            gen = (self.gen_layers_dnn if self.dnn else self.gen_layers)[i] if merged else None
+            gen = self.gen_layers[i] if merged else None
             h = self._rms(x, gen.ln1 if gen is not None else lay.ln1)  # (n, L, H)
             q, k, v = self._layer_qkv(h, lay, gen, use_adapter)
             q = self._rotate(self._heads(q, hq), cos, sin)  # (n, Hq, L, D)
@@ -723,7 +739,7 @@ class FastQwen2:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Final norm + lm_head: (..., H) -> (..., V)."""
-        return linear(self._rms(hidden, self.norm), self.lm_head_p if self.dnn else self.lm_head, dnn=self.dnn)
+        return _mm(self._rms(hidden, self.norm), self.lm_head_gen)
 
     # -- sampling -------------------------------------------------------------------------------
 
@@ -807,12 +823,7 @@ class FastQwen2:
         qk_dim = (hq + hkv) * d
         embed, norm, eps, hidden_size = self.embed, self.norm, self.eps, self.hidden_size
         fp32 = self.dtype == torch.float32
-        # oneDNN pays from a few million multiply-adds per call; below, the default GEMM is quicker.
-        dnn = self.dnn and n * self.hidden_size * self.gen_layers[0].gate_up.shape[0] >= 2**22
-        dnn_head = self.dnn and n * self.hidden_size * self.lm_head.shape[0] >= 2**20
-        layers = self.gen_layers_dnn if dnn else self.gen_layers
-        head = self.lm_head_p if dnn_head else self.lm_head  # (V, H)
-        lin = _dnn
+        layers, head = self.gen_layers, self.lm_head_gen  # head: (H, V)
         steps = t_max
         for t in range(t_max):
             if t < min_new_tokens and stop.numel():
@@ -833,8 +844,7 @@ class FastQwen2:
             x = F.embedding(token, embed)  # (N, H)
             for (kc, vc), g in zip(caches, layers):
                 h = F.rms_norm(x, (hidden_size,), g.ln1, eps) if fp32 else self._rms(x, g.ln1)
-                # (N, (Hq + 2 Hkv) D)
-                qkv = lin(h, g.qkv, g.qkv_b, None) if dnn else torch.addmm(g.qkv_b, h, g.qkv.t())
+                qkv = torch.addmm(g.qkv_b, h, g.qkv_t)  # (N, (Hq + 2 Hkv) D)
                 qk = qkv[:, :qk_dim].view(n, hq + hkv, d)  # (N, Hq + Hkv, D)
                 qk = torch.addcmul(qk * c, torch.roll(qk, half, dims=-1), s)  # (N, Hq + Hkv, D)
                 kc.view(n, hkv, span, d)[:, :, slot].copy_(qk[:, hq:])
@@ -845,14 +855,12 @@ class FastQwen2:
                 )  # (N Hkv, rep, L)
                 att = torch.bmm(att.softmax(dim=-1), vc[:, :length])  # (N Hkv, rep, D)
                 att = att.view(n, hq * d)  # (N, Hq D)
-                x = lin(att, g.o, None, x) if dnn else torch.addmm(x, att, g.o.t())  # (N, H)
+                x = torch.addmm(x, att, g.o_t)  # (N, H)
                 h = F.rms_norm(x, (hidden_size,), g.ln2, eps) if fp32 else self._rms(x, g.ln2)
-                gu = lin(h, g.gate_up, None, None) if dnn else torch.mm(h, g.gate_up.t())  # (N, 2 I)
-                gate, up = gu.chunk(2, dim=-1)  # (N, I) each
-                act = F.silu(gate) * up  # (N, I)
-                x = lin(act, g.down, None, x) if dnn else torch.addmm(x, act, g.down.t())  # (N, H)
+                gate, up = torch.mm(h, g.gate_up_t).chunk(2, dim=-1)  # (N, I) each
+                x = torch.addmm(x, F.silu(gate).mul_(up), g.down_t)  # (N, H)
             h = F.rms_norm(x, (hidden_size,), norm, eps) if fp32 else self._rms(x, norm)
-            logits = (lin(h, head, None, None) if dnn_head else torch.mm(h, head.t())).float()  # (N, V)
+            logits = torch.mm(h, head).float()  # (N, V)
         return out[:, :steps], lengths, finished
 
 
