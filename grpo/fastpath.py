@@ -177,32 +177,6 @@ def _dnn(x: Tensor, w: Tensor, b: Tensor | None, add: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, None, "add")
 
 
-class _DroppedLinear(torch.autograd.Function):
-    """dropout(x) A^T for a dropout given as the flat positions of its dropped entries (the
-    1 / (1 - p) left to the caller): the forward zeroes them in a copy of x, the backward in the
-    input gradient. Sparse writes where a keep mask costs two full-size multiplies and the mask."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, a: Tensor, drops: Tensor, dnn: bool) -> Tensor:
-        xd = torch.clone(x, memory_format=torch.contiguous_format)  # (..., in)
-        xd.view(-1).index_fill_(0, drops, 0)
-        ctx.save_for_backward(xd, a, drops)
-        ctx.dnn = dnn
-        return _dnn(xd, a, None, None) if dnn else F.linear(xd, a)  # (..., r)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        xd, a, drops = ctx.saved_tensors
-        gx = ga = None
-        if ctx.needs_input_grad[0]:
-            gx = _dnn(g, a.t().contiguous(), None, None) if ctx.dnn else g.matmul(a)  # (..., in)
-            gx.view(-1).index_fill_(0, drops, 0)
-        if ctx.needs_input_grad[1]:
-            g2, x2 = g.reshape(-1, g.shape[-1]), xd.reshape(-1, xd.shape[-1])  # (M, r), (M, in)
-            ga = _dnn(g2.t(), x2.t(), None, None) if ctx.dnn else g2.t().mm(x2)  # (r, in)
-        return gx, ga, None, None
-
-
 class _RMSNorm(torch.autograd.Function):
     """x / sqrt(mean(x^2) + eps) * w for a frozen w, with a hand-written backward:
     dx = r (g w - x r^2 mean(g w x)), r = 1 / sqrt(mean(x^2) + eps). Four full-size passes
@@ -223,63 +197,101 @@ class _RMSNorm(torch.autograd.Function):
         return torch.addcmul(gw, x, coef).mul_(r), None, None  # (..., H)
 
 
-class _DnnLinear(torch.autograd.Function):
-    """x W^T + b + add with oneDNN in the forward and for the input gradient (`wt` = W^T
-    contiguous, cached for frozen weights); weight gradient g^T x."""
+@dataclass
+class _Projection:
+    """One projection of `_LoraProjections`: its frozen base weight and, when the adapter runs,
+    its LoRA scaling and dropout (the flat positions of the dropped entries of x, or a keep mask)."""
+
+    w: Tensor  # (out, in) base weight: x W^T, and g W for the input gradient
+    w_fwd: Tensor  # the same weight in the forward GEMM's layout (oneDNN-packed, or w itself)
+    bias: Tensor | None  # (out,)
+    lora: bool  # an A, B pair follows in `_LoraProjections.apply`'s arguments
+    scale: float = 1.0  # LoRA scaling, 1 / (1 - p) of dropout included
+    drops: Tensor | None = None  # (k,) flat positions of x's dropped entries (CPU)
+    keep: Tensor | None = None  # (..., in) 0/1 keep mask (elsewhere)
+
+    def dropped(self, x: Tensor) -> Tensor:
+        """dropout(x) without the 1 / (1 - p): x itself, or a copy with the drops zeroed."""
+        if self.drops is not None:
+            xd = torch.clone(x, memory_format=torch.contiguous_format)  # (M, in)
+            xd.view(-1).index_fill_(0, self.drops, 0)
+            return xd
+        return x if self.keep is None else x * self.keep.view(x.shape)
+
+
+class _LoraProjections(torch.autograd.Function):
+    """y_i = x W_i^T + b_i (+ residual) + scale_i (dropout_i(x) A_i^T) B_i^T for the projections
+    that read one input x (q/k/v, gate/up, or a single one), peft's LoRA applied unmerged.
+
+    Forward, per projection: the base GEMM, then xa = dropout(x) A^T and y += scale xa B^T in
+    place (the GEMM adds into y: no separate pass over it). Backward: the A and B gradients and
+    ONE input gradient for all the projections, accumulated in place (the dropout-masked
+    (g B) A, then + g W by the GEMM itself), where autograd would materialise and sum two
+    tensors per projection. The dropout draws are the caller's (`_Projection`).
+    """
 
     @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, add: Tensor | None, wt: Tensor | None
-    ) -> Tensor:
-        ctx.save_for_backward(x if w.requires_grad else None, w, wt)
-        return _dnn(x, w, b, add)
+    def forward(ctx: Any, x: Tensor, residual: Tensor | None, projs: list[_Projection], *ab: Tensor) -> tuple[Tensor, ...]:
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        outs, saved, pairs = [], [], iter(zip(ab[0::2], ab[1::2]))
+        for pr in projs:
+            out_dim = pr.w.shape[0]
+            add = residual.reshape(-1, out_dim) if residual is not None else None  # (M, out)
+            if pr.w_fwd is not pr.w:  # oneDNN-packed
+                y = _dnn(x2, pr.w_fwd, pr.bias, add)  # (M, out)
+            elif add is not None:
+                y = torch.addmm(add if pr.bias is None else add + pr.bias, x2, pr.w.t())  # (M, out)
+            else:
+                y = F.linear(x2, pr.w, pr.bias)  # (M, out)
+            if pr.lora:
+                a, b = next(pairs)  # (r, in), (out, r)
+                xd = pr.dropped(x2.to(a.dtype))  # (M, in)
+                xa = torch.mm(xd, a.t())  # (M, r)
+                if y.dtype == a.dtype:
+                    y.addmm_(xa, b.t(), alpha=pr.scale)  # (M, out)
+                else:  # e.g. a float32 adapter on a bfloat16 base: added as peft does, then cast
+                    y = torch.addmm(y.to(a.dtype), xa, b.t(), alpha=pr.scale).to(y.dtype)  # (M, out)
+                saved += [xd, xa]
+            outs.append(y.view(*x.shape[:-1], out_dim))
+        ctx.projs, ctx.x_shape, ctx.x_dtype = projs, x.shape, x.dtype
+        ctx.save_for_backward(*saved, *ab)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, w, wt = ctx.saved_tensors
-        want_x, want_w, want_b, want_add, _ = ctx.needs_input_grad
-        gx = gw = gb = None
-        if want_x:
-            gx = _dnn(g, wt if wt is not None else w.t().contiguous(), None, None)  # (..., in)
-        if want_w or want_b:
-            g2 = g.reshape(-1, g.shape[-1])  # (M, out)
-            if want_w:
-                x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-                # oneDNN runs (small, M) @ (M, large) best: lora_A's (r, M) @ (M, in) as it is,
-                # lora_B's as (r, M) @ (M, out), transposed
-                if g2.shape[1] < x2.shape[1]:
-                    gw = _dnn(g2.t(), x2.t(), None, None)  # (out, in)
-                else:
-                    gw = _dnn(x2.t(), g2.t(), None, None).t()  # (out, in)
-            if want_b:
-                gb = g2.sum(0)  # (out,)
-        return gx, gw, gb, (g if want_add else None), None
-
-
-def linear(
-    x: Tensor,
-    w: Tensor,
-    b: Tensor | None = None,
-    *,
-    add: Tensor | None = None,
-    wt: Tensor | None = None,
-    dnn: bool = False,
-) -> Tensor:
-    """x W^T + b (+ add), in autograd when any input needs it. `dnn` routes the GEMMs through
-    oneDNN (see `onednn_linear_available`); `wt` is W^T made contiguous (for frozen W)."""
-    if dnn:
-        grads = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, w, b, add)
-        )
-        if grads:
-            return _DnnLinear.apply(x, w, b, add, wt)
-        return _dnn(x, w, b, add)
-    if add is None:
-        return F.linear(x, w, b)
-    if b is None and x.dim() >= 2:
-        out = torch.addmm(add.reshape(-1, add.shape[-1]), x.reshape(-1, x.shape[-1]), w.t())  # (M, out)
-        return out.view(add.shape)
-    return add + F.linear(x, w, b)
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        projs: list[_Projection] = ctx.projs
+        tensors = ctx.saved_tensors
+        n_saved = 2 * sum(pr.lora for pr in projs)
+        saved, ab = iter(zip(tensors[:n_saved:2], tensors[1:n_saved:2])), tensors[n_saved:]
+        pairs = iter(zip(ab[0::2], ab[1::2]))
+        want_x = ctx.needs_input_grad[0]
+        gx: Tensor | None = None  # (M, in)
+        grad_ab: list[Tensor | None] = []
+        for pr, g in zip(projs, grads):
+            if g is None:
+                if pr.lora:
+                    next(saved), next(pairs)
+                    grad_ab += [None, None]
+                continue
+            g = g.reshape(-1, pr.w.shape[0])  # (M, out)
+            if pr.lora:
+                (xd, xa), (a, b) = next(saved), next(pairs)
+                gl = g.to(a.dtype)  # (M, out)
+                gxa = torch.mm(gl, b).mul_(pr.scale)  # (M, r)
+                grad_ab += [torch.mm(gxa.t(), xd), torch.mm(xa.t(), gl).t().mul_(pr.scale)]  # (r, in), (out, r)
+                if want_x:
+                    t = torch.mm(gxa, a)  # (M, in): the LoRA branch's input gradient
+                    if pr.drops is not None:
+                        t.view(-1).index_fill_(0, pr.drops, 0)
+                    elif pr.keep is not None:
+                        t.mul_(pr.keep.view(t.shape))
+                    t = t.to(ctx.x_dtype)
+                    gx = t if gx is None else gx.add_(t)
+            if want_x:
+                gx = torch.mm(g, pr.w) if gx is None else gx.addmm_(g, pr.w)  # (M, in)
+        grad_x = gx.view(ctx.x_shape) if gx is not None else None
+        grad_res = grads[0] if ctx.needs_input_grad[1] else None
+        return (grad_x, grad_res, None, *grad_ab)
 
 
 # --------------------------------------------------------------------------- support check
@@ -388,7 +400,6 @@ class _Layer:
     w: dict[str, Tensor]  # projection -> (out, in) base weight
     b: dict[str, Tensor]  # q/k/v -> (out,) bias
     lora: dict[str, Any]  # projection -> peft lora.Linear module (only adapted ones)
-    wt: dict[str, Tensor]  # projection -> W^T (in, out) for oneDNN backward passes (else empty)
     wp: dict[str, Tensor]  # projection -> W packed for oneDNN forward passes (else empty)
 
 
@@ -464,7 +475,7 @@ class FastQwen2:
                 if hasattr(mod, "lora_A") and self.adapter in mod.lora_A:
                     lora[name] = mod
             self.layers.append(
-                _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, w, b, lora, {}, {})
+                _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, w, b, lora, {})
             )
         self.device = self.embed.device
         self.dtype = self.embed.dtype
@@ -491,9 +502,8 @@ class FastQwen2:
                 cache[key] = (t, t._version, out)
                 return out
 
-            for lay in self.layers:
-                lay.wt = {name: for_dnn(t, True) for name, t in lay.w.items()}
-                if self.pack:
+            if self.pack:
+                for lay in self.layers:
                     lay.wp = {name: for_dnn(t, False) for name, t in lay.w.items()}
             self.lm_head_t = for_dnn(self.lm_head, True)  # (H, V)
             self.lm_head_p = for_dnn(self.lm_head, False) if self.pack else self.lm_head  # (V, H)
@@ -559,39 +569,40 @@ class FastQwen2:
         emb = torch.cat((freqs, freqs), dim=-1)  # (..., L, D)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    def _project(
+        self, x: Tensor, lay: _Layer, names: tuple[str, ...], use_adapter: bool, residual: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """x W^T + b (+ residual, one projection only), plus (dropout(x) A^T B^T) * scaling when
+        the adapter is on, for projections that read the same x (..., in): `_LoraProjections`.
+
+        As peft's lora.Linear: dropout (p of the module's lora_dropout, only while that module is
+        in training mode) draws its own mask for each projection, in order, from the global RNG
+        (`dropped_positions` on CPU, `dropout_keep` elsewhere); 1 / (1 - p) goes into the scaling.
+        """
+        projs, ab = [], []
+        for name in names:
+            w = lay.w[name]  # (out, in)
+            pr = _Projection(w, lay.wp.get(name, w) if self.dnn else w, lay.b.get(name), lora=False)
+            mod = lay.lora.get(name) if use_adapter else None
+            if mod is not None and not mod.disable_adapters:
+                ab += [mod.lora_A[self.adapter].weight, mod.lora_B[self.adapter].weight]  # (r, in), (out, r)
+                pr.lora, pr.scale = True, float(mod.scaling[self.adapter])
+                drop = mod.lora_dropout[self.adapter]
+                p = float(getattr(drop, "p", 0.0))
+                if drop.training and p > 0:
+                    pr.scale /= 1.0 - p
+                    if x.device.type == "cpu" and p <= 0.25:  # sparse: the positions of the dropped entries
+                        pr.drops = dropped_positions(x.numel(), p, x.device)  # (k,)
+                    else:
+                        pr.keep = dropout_keep(tuple(x.shape), p, ab[-2].dtype, x.device)  # (..., in)
+            projs.append(pr)
+        return _LoraProjections.apply(x, residual, projs, *ab)
+
     def _proj(
         self, x: Tensor, lay: _Layer, name: str, use_adapter: bool, residual: Tensor | None = None
     ) -> Tensor:
-        """x W^T + b (+ residual), plus (dropout(x) A^T B^T) * scaling when the adapter is on.
-
-        As peft's lora.Linear: dropout (p of the module's lora_dropout, only while that module is
-        in training mode) draws its own mask for each projection from the global RNG
-        (`dropped_positions` / `dropout_keep`), and 1 / (1 - p) and the scaling are folded into B
-        (an (out, r) matrix).
-        """
-        dnn = self.dnn
-        w = lay.wp.get(name, lay.w[name]) if dnn else lay.w[name]  # (out, in), packed for oneDNN
-        y = linear(x, w, lay.b.get(name), add=residual, wt=lay.wt.get(name), dnn=dnn)  # (..., out)
-        mod = lay.lora.get(name) if use_adapter else None
-        if mod is None or mod.disable_adapters:
-            return y
-        a = mod.lora_A[self.adapter].weight  # (r, in)
-        b = mod.lora_B[self.adapter].weight  # (out, r)
-        scale = float(mod.scaling[self.adapter])
-        drop = mod.lora_dropout[self.adapter]
-        p = float(getattr(drop, "p", 0.0))
-        x = x.to(a.dtype)
-        if not (drop.training and p > 0):
-            xa = linear(x, a, dnn=dnn)  # (..., r)
-        else:
-            scale = scale / (1.0 - p)
-            if x.device.type == "cpu" and p <= 0.25:  # sparse: the positions of the dropped entries
-                xa = _DroppedLinear.apply(x, a, dropped_positions(x.numel(), p, x.device), dnn)  # (..., r)
-            else:
-                xa = linear(x * dropout_keep(tuple(x.shape), p, x.dtype, x.device), a, dnn=dnn)  # (..., r)
-        if y.dtype != a.dtype:  # e.g. float32 adapter on a bfloat16 base: added as peft does, then cast
-            return (y + linear(xa, b * scale, dnn=dnn)).to(y.dtype)  # (..., out)
-        return linear(xa, b * scale, add=y, dnn=dnn)  # (..., out)
+        """One projection of `_project`: x (..., in) -> (..., out)."""
+        return self._project(x, lay, (name,), use_adapter, residual)[0]
 
     def _layer_qkv(
         self, x: Tensor, lay: _Layer, gen: _GenLayer | None, use_adapter: bool
@@ -601,11 +612,8 @@ class FastQwen2:
             qkv = _mm(x, gen.qkv_t, gen.qkv_b)  # (n, L, (Hq + 2 Hkv) D)
             dq, dk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             return qkv[..., :dq], qkv[..., dq : dq + dk], qkv[..., dq + dk :]
-        return (
-            self._proj(x, lay, "q_proj", use_adapter),
-            self._proj(x, lay, "k_proj", use_adapter),
-            self._proj(x, lay, "v_proj", use_adapter),
-        )
+        q, k, v = self._project(x, lay, ("q_proj", "k_proj", "v_proj"), use_adapter)
+        return q, k, v
 
     def _mlp(
         self, x: Tensor, lay: _Layer, gen: _GenLayer | None, use_adapter: bool, residual: Tensor
@@ -614,8 +622,7 @@ class FastQwen2:
         if gen is not None:
             gate, up = _mm(x, gen.gate_up_t).chunk(2, dim=-1)  # (n, L, I) each
             return _mm(F.silu(gate) * up, gen.down_t, add=residual)  # (n, L, H)
-        gate = self._proj(x, lay, "gate_proj", use_adapter)  # (n, L, I)
-        up = self._proj(x, lay, "up_proj", use_adapter)  # (n, L, I)
+        gate, up = self._project(x, lay, ("gate_proj", "up_proj"), use_adapter)  # (n, L, I) each
         return self._proj(F.silu(gate) * up, lay, "down_proj", use_adapter, residual)  # (n, L, H)
 
     def _o(

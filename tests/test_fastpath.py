@@ -23,7 +23,6 @@ from grpo.fastpath import (
     completion_logprobs_fast,
     dropout_keep,
     keep_freed_memory,
-    linear,
     onednn_linear_available,
     onednn_packing_available,
     pick_tokens,
@@ -140,28 +139,7 @@ def test_rows_in_any_order(policy) -> None:
     not onednn_linear_available(torch.device("cpu"), torch.float32), reason="no oneDNN linear op here"
 )
 def test_onednn_and_default_gemms_agree(policy) -> None:
-    """The oneDNN route (forward and its hand-written backward) against F.linear / autograd."""
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 7, 24, generator=gen, requires_grad=True)
-    w = torch.randn(12, 24, generator=gen, requires_grad=True)
-    b = torch.randn(12, generator=gen, requires_grad=True)
-    add = torch.randn(2, 7, 12, generator=gen, requires_grad=True)
-    g = torch.randn(2, 7, 12, generator=gen)
-    for kw in ({}, {"b": b}, {"add": add}):
-        outs = []
-        for dnn in (False, True):
-            y = linear(x, w, dnn=dnn, **kw)
-            y.backward(g)
-            grads = [t.grad.clone() if t.grad is not None else None for t in (x, w, b, add)]
-            for t in (x, w, b, add):
-                t.grad = None
-            outs.append((y.detach(), grads))
-        torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
-        for got, want in zip(outs[1][1], outs[0][1]):
-            assert (got is None) == (want is None)
-            if got is not None:
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # the whole log-prob pass, both routes
+    """The log-prob pass with the base GEMMs through oneDNN and through torch's own."""
     model, tok = policy
     args = batch(tok)
     fast = FastQwen2(model)
@@ -172,13 +150,12 @@ def test_onednn_and_default_gemms_agree(policy) -> None:
     torch.testing.assert_close(on, off, atol=1e-5, rtol=0)
 
 
-
 @pytest.mark.skipif(
     not onednn_packing_available(torch.device("cpu"), torch.float32), reason="no oneDNN weight packing here"
 )
 def test_packed_weights_change_no_result(policy, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Frozen and generation weights packed for oneDNN: the same log-probs, LoRA gradients and
-    sampled tokens as the unpacked weights."""
+    """Frozen base weights packed for oneDNN: the same log-probs, LoRA gradients and sampled
+    tokens as the unpacked weights."""
     model, tok = policy
     args = batch(tok)
     runs = []
@@ -338,12 +315,15 @@ def test_sparse_lora_dropout_equals_the_keep_mask(policy, dnn: bool) -> None:
     torch.manual_seed(5)
     keep = dropout_keep(tuple(x.shape), p, x.dtype, x.device)
     assert 0 < (keep == 0).sum() < keep.numel()
-    want = F.linear(x, lay.w["gate_proj"]) + F.linear(F.linear(x * keep, a), b) * (scale / (1 - p))
-    want.backward(g)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for have, t in zip(grads, (x, a, b)):  # sums over 120 rows: oneDNN and torch round differently
-        torch.testing.assert_close(have, t.grad, atol=1e-4, rtol=1e-4)
-        t.grad = None
+    # the keep mask of the same draws, in float64: float32 sums over 120 rows round differently,
+    # so each result must be within 1e-5 of its own largest entry
+    x64, a64, b64 = (t.detach().double().requires_grad_() for t in (x, a, b))
+    w64 = lay.w["gate_proj"].double()
+    want = F.linear(x64, w64) + F.linear(F.linear(x64 * keep.double(), a64), b64) * (scale / (1 - p))
+    want.backward(g.double())
+    for have, ref in zip((got.detach(), *grads), (want.detach(), x64.grad, a64.grad, b64.grad)):
+        err = float((have.double() - ref).abs().max())
+        assert err <= 1e-5 * float(ref.abs().max()), f"max |diff| {err:.3g} vs max |ref| {float(ref.abs().max()):.3g}"
 
 
 # --------------------------------------------------------------------------- sampling
