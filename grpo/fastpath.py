@@ -836,8 +836,10 @@ class FastQwen2:
             vc = torch.empty(n, hkv, span, d, dtype=self.dtype, device=dev)  # (N, Hkv, P+T, D)
             kc[:, :, :p].copy_(k.index_select(0, rows))
             vc[:, :, :p].copy_(v.index_select(0, rows))
-            caches.append((kc.view(n * hkv, span, d), vc.view(n * hkv, span, d)))
+            caches.append((kc, vc))
         del kv, hidden
+        # per layer: the slot-writing views (N, Hkv, P+T, D), keys^T (N Hkv, D, P+T), values (N Hkv, P+T, D)
+        cache_views = [(kc, vc, kc.view(n * hkv, span, d).transpose(1, 2), vc.view(n * hkv, span, d)) for kc, vc in caches]
 
         # Additive mask over the cache span: -inf on prompt padding, 0 on real and new tokens.
         add_mask = torch.zeros(n, span, dtype=self.dtype, device=dev)  # (N, P+T)
@@ -853,53 +855,52 @@ class FastQwen2:
         cos = cos[:, :, None, :].contiguous()  # (T, N, 1, D)
         sin = sin[:, :, None, :].contiguous()  # (T, N, 1, D): rotate_half's sign folded in
 
+        layers, head = self.gen_layers, self.lm_head_gen  # head: (H, V)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)  # (S,)
-        out = torch.full((n, t_max), pad_id, dtype=torch.long, device=dev)  # (N, T)
+        # -inf on the stop tokens, added to the logits while min_new_tokens is not reached
+        no_stop = torch.zeros(head.shape[1], dtype=torch.float32, device=dev).index_fill_(0, stop, float("-inf"))  # (V,)
+        tokens: list[Tensor] = []  # (N,) each
         finished = torch.zeros(n, dtype=torch.bool, device=dev)  # (N,)
         lengths = torch.full((n,), t_max, dtype=torch.long, device=dev)  # (N,)
         pad_tok = torch.full((n,), pad_id, dtype=torch.long, device=dev)  # (N,)
         qk_dim = (hq + hkv) * d
         embed, norm, eps, hidden_size = self.embed, self.norm, self.eps, self.hidden_size
         fp32 = self.dtype == torch.float32
-        layers, head = self.gen_layers, self.lm_head_gen  # head: (H, V)
-        steps = t_max
         for t in range(t_max):
             if t < min_new_tokens and stop.numel():
-                logits = logits.index_fill(1, stop, float("-inf"))  # (N, V)
+                logits = logits + no_stop  # (N, V)
             token = pick_tokens(logits, greedy, generator, temperature, top_k, top_p, sampler)  # (N,)
             if t >= min_new_tokens:  # before that, no row can stop
                 token = torch.where(finished, pad_tok, token)  # (N,)
                 hit = torch.isin(token, stop) & ~finished  # (N,)
                 lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)  # (N,)
                 finished = finished | hit  # (N,)
-            out[:, t] = token
+            tokens.append(token)
             if t == t_max - 1 or (t >= min_new_tokens and bool(finished.all())):
-                steps = t + 1
                 break
             # One decode step for all N rows: token t at cache slot P + t.
             slot, length = p + t, p + t + 1
             c, s = cos[t], sin[t]  # (N, 1, D)
             x = F.embedding(token, embed)  # (N, H)
-            for (kc, vc), g in zip(caches, layers):
+            for (kc, vc, keys_t, values), g in zip(cache_views, layers):
                 h = F.rms_norm(x, (hidden_size,), g.ln1, eps) if fp32 else self._rms(x, g.ln1)
                 qkv = torch.addmm(g.qkv_b, h, g.qkv_t)  # (N, (Hq + 2 Hkv) D)
                 qk = qkv[:, :qk_dim].view(n, hq + hkv, d)  # (N, Hq + Hkv, D)
                 qk = torch.addcmul(qk * c, torch.roll(qk, half, dims=-1), s)  # (N, Hq + Hkv, D)
-                kc.view(n, hkv, span, d)[:, :, slot].copy_(qk[:, hq:])
-                vc.view(n, hkv, span, d)[:, :, slot].copy_(qkv[:, qk_dim:].view(n, hkv, d))
+                kc[:, :, slot].copy_(qk[:, hq:])
+                vc[:, :, slot].copy_(qkv[:, qk_dim:].view(n, hkv, d))
                 q = qk[:, :hq].reshape(n * hkv, rep, d)  # (N Hkv, rep, D)
-                att = torch.baddbmm(
-                    add_mask[:, :, :length], q, kc[:, :length].transpose(1, 2), alpha=scale
-                )  # (N Hkv, rep, L)
-                att = torch.bmm(att.softmax(dim=-1), vc[:, :length])  # (N Hkv, rep, D)
+                att = torch.baddbmm(add_mask[:, :, :length], q, keys_t[:, :, :length], alpha=scale)  # (N Hkv, rep, L)
+                att = torch.bmm(att.softmax(dim=-1), values[:, :length])  # (N Hkv, rep, D)
                 att = att.view(n, hq * d)  # (N, Hq D)
                 x = torch.addmm(x, att, g.o_t)  # (N, H)
                 h = F.rms_norm(x, (hidden_size,), g.ln2, eps) if fp32 else self._rms(x, g.ln2)
                 gate, up = torch.mm(h, g.gate_up_t).chunk(2, dim=-1)  # (N, I) each
-                x = torch.addmm(x, F.silu(gate).mul_(up), g.down_t)  # (N, H)
+                x = torch.addmm(x, F.silu(gate, inplace=True).mul_(up), g.down_t)  # (N, H)
             h = F.rms_norm(x, (hidden_size,), norm, eps) if fp32 else self._rms(x, norm)
             logits = torch.mm(h, head).float()  # (N, V)
-        return out[:, :steps], lengths, finished
+        out = torch.stack(tokens, dim=1)  # (N, steps)
+        return out, lengths, finished
 
 
 # --------------------------------------------------------------------------- log-probs
