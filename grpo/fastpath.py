@@ -680,19 +680,6 @@ class FastQwen2:
         k, v (n, Hkv, Lk, D), mask (n, 1, L, Lk) additive -> (n, Hq, L, D)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
-    @staticmethod
-    def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """The same attention as two batched GEMMs, the Hq / Hkv query heads that share a key
-        head stacked into one matrix: mask (n Hkv, rep L, Lk). On CPU, at this project's sizes,
-        forward and backward take about two thirds of the fused kernel's time."""
-        n, hq, length, d = q.shape
-        hkv, lk = k.shape[1], k.shape[2]
-        scores = torch.baddbmm(
-            mask, q.reshape(n * hkv, -1, d), k.reshape(n * hkv, lk, d).transpose(1, 2), alpha=d**-0.5
-        )  # (n Hkv, rep L, Lk)
-        o = torch.bmm(scores.softmax(dim=-1), v.reshape(n * hkv, lk, d))  # (n Hkv, rep L, D)
-        return o.view(n, hq, length, d)
-
     def _heads(self, x: Tensor, heads: int) -> Tensor:
         """(n, L, heads D) -> (n, heads, L, D)."""
         n, length, _ = x.shape
@@ -743,14 +730,6 @@ class FastQwen2:
         zero = torch.zeros((), dtype=self.dtype, device=input_ids.device)
         attn_mask = zero.masked_fill(~allowed, float("-inf"))[:, None]  # (n, 1, L, Lp + L) additive
         hq, hkv = self.num_heads, self.num_kv_heads
-        # On CPU in float32 the training pass (autograd) attends through two batched GEMMs
-        # (`_grouped_attention`); passes without gradients take torch's fused kernel, which never
-        # materialises the scores: 2-4x quicker there.
-        grouped = self.device.type == "cpu" and self.dtype == torch.float32 and torch.is_grad_enabled()
-        attend = self._grouped_attention if grouped else self._sdpa
-        if grouped:  # the mask in that function's layout, built once for all layers
-            rep = hq // hkv
-            attn_mask = attn_mask.expand(n, hq, length, lp + length).reshape(n * hkv, rep * length, lp + length)
 
         x = F.embedding(input_ids, self.embed)  # (n, L, H)
         cos, sin = self._rope_signed(pos, x.dtype)  # (n, L, D)
@@ -768,7 +747,7 @@ class FastQwen2:
                 pk, pv = prefix_kv[i]
                 k = torch.cat([pk, k], dim=2)  # (n, Hkv, Lp + L, D)
                 v = torch.cat([pv, v], dim=2)  # (n, Hkv, Lp + L, D)
-            o = attend(q, k, v, attn_mask)  # (n, Hq, L, D)
+            o = self._sdpa(q, k, v, attn_mask)  # (n, Hq, L, D)
             o = o.transpose(1, 2).reshape(n, length, hq * self.head_dim)  # (n, L, Hq D)
             x = self._o(o, lay, gen, use_adapter, x)  # (n, L, H): residual added
             h = self._rms(x, gen.ln2 if gen is not None else lay.ln2)  # (n, L, H)
