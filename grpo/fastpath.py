@@ -177,17 +177,24 @@ def _dnn(x: Tensor, w: Tensor, b: Tensor | None, add: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, None, "add")
 
 
+def _rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x r w, r) with r = 1 / sqrt(mean(x^2) + eps) (..., 1): three full-size passes over x,
+    where torch's composite CPU rms_norm takes about six."""
+    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
+    r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # (..., 1)
+    return torch.mul(x, r).mul_(w), r  # (..., H), (..., 1)
+
+
 class _RMSNorm(torch.autograd.Function):
-    """x / sqrt(mean(x^2) + eps) * w for a frozen w, with a hand-written backward:
+    """`_rms_norm` for a frozen w, with a hand-written backward:
     dx = r (g w - x r^2 mean(g w x)), r = 1 / sqrt(mean(x^2) + eps). Four full-size passes
     where autograd through torch's composite CPU rms_norm takes about twice as many."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, eps: float) -> Tensor:
-        r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
-        r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # (..., 1)
+        out, r = _rms_norm(x, w, eps)
         ctx.save_for_backward(x, w, r)
-        return torch.mul(x, r).mul_(w)  # (..., H)
+        return out  # (..., H)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -582,9 +589,11 @@ class FastQwen2:
     def _rms(self, x: Tensor, weight: Tensor) -> Tensor:
         """Qwen2RMSNorm: float32 statistics, weight applied in the input dtype."""
         if x.dtype == torch.float32:
-            if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad:
+            if x.device.type != "cpu" or weight.requires_grad:
+                return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+            if torch.is_grad_enabled() and x.requires_grad:
                 return _RMSNorm.apply(x, weight, self.eps)
-            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+            return _rms_norm(x, weight, self.eps)[0]
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
