@@ -549,17 +549,16 @@ class FastQwen2:
         self._collect(self.model if model is None else model)
         gen: list[_GenLayer] = []
         for lay in self.layers:
-            m = {name: self._merged(lay, name).t() for name in PROJECTIONS}  # (in, out) views
-            zeros = torch.zeros(m["k_proj"].shape[1], dtype=self.dtype, device=self.device)
+            zeros = torch.zeros(lay.w["k_proj"].shape[0], dtype=self.dtype, device=self.device)
             gen.append(
                 _GenLayer(
                     ln1=lay.ln1,
                     ln2=lay.ln2,
-                    qkv_t=torch.cat([m["q_proj"], m["k_proj"], m["v_proj"]], dim=1),
+                    qkv_t=self._merged_t(lay, ("q_proj", "k_proj", "v_proj")),
                     qkv_b=torch.cat([lay.b.get(n, zeros) for n in ("q_proj", "k_proj", "v_proj")]),
-                    o_t=m["o_proj"].contiguous(),
-                    gate_up_t=torch.cat([m["gate_proj"], m["up_proj"]], dim=1),
-                    down_t=m["down_proj"].contiguous(),
+                    o_t=self._merged_t(lay, ("o_proj",)),
+                    gate_up_t=self._merged_t(lay, ("gate_proj", "up_proj")),
+                    down_t=self._merged_t(lay, ("down_proj",)),
                 )
             )
         self.gen_layers = gen
@@ -573,16 +572,27 @@ class FastQwen2:
             self._head_t = (head, head._version, head.t().contiguous())
         self.lm_head_gen = self._head_t[2]  # (H, V)
 
-    def _merged(self, lay: _Layer, name: str) -> Tensor:
-        """Base weight with the adapter merged (a new tensor), or the base tensor itself."""
-        w = lay.w[name]
-        mod = lay.lora.get(name)
-        if mod is None or getattr(mod, "disable_adapters", False):
-            return w
-        a = mod.lora_A[self.adapter].weight  # (r, in)
-        b = mod.lora_B[self.adapter].weight  # (out, r)
-        delta = (b.float() @ a.float()) * mod.scaling[self.adapter]  # (out, in)
-        return (w.float() + delta).to(w.dtype)
+    def _merged_t(self, lay: _Layer, names: tuple[str, ...]) -> Tensor:
+        """W^T + scaling A^T B^T of the named projections side by side: (in, sum of outs), a
+        new tensor (the base weights are never written). The merge runs in float32 when the
+        base is in a lower precision, then is cast, as peft's merge does."""
+        ws = [lay.w[name] for name in names]  # (out_i, in) each
+        merged = torch.empty(ws[0].shape[1], sum(w.shape[0] for w in ws), dtype=self.dtype, device=self.device)
+        col = 0
+        for name, w in zip(names, ws):
+            dst = merged[:, col : col + w.shape[0]]  # (in, out_i)
+            col += w.shape[0]
+            mod = lay.lora.get(name)
+            if mod is None or getattr(mod, "disable_adapters", False):
+                dst.copy_(w.t())
+                continue
+            a, b = mod.lora_A[self.adapter].weight, mod.lora_B[self.adapter].weight  # (r, in), (out_i, r)
+            scale = float(mod.scaling[self.adapter])
+            if w.dtype == a.dtype == torch.float32:
+                dst.copy_(w.t()).addmm_(a.t(), b.t(), alpha=scale)
+            else:
+                dst.copy_(torch.addmm(w.t().float(), a.t().float(), b.t().float(), alpha=scale))
+        return merged  # (in, sum of outs)
 
     # -- building blocks ---------------------------------------------------------------------
 
