@@ -1,13 +1,16 @@
 """Side-by-side GRPO step speed: this project against TRL's GRPOTrainer, on identical work (`make bench`).
 
-    python benchmarks/run.py                      # tiny (~106k) and small (~2.5M) models, 5 steps + 1 warmup
-    python benchmarks/run.py --quick              # 2 steps + 1 warmup: a smoke test
-    python benchmarks/run.py --models tiny --libraries trl
+    python benchmarks/run.py                      # tiny (~106k) and small (~2.5M) models, 3 rounds of 5 steps + 1 warmup
+    python benchmarks/run.py --quick              # 1 round of 2 steps + 1 warmup: a smoke test
+    python benchmarks/run.py --models tiny --libraries trl --rounds 1
 
-Builds the benchmark models under --model-dir (reused when their shape matches), then runs
-benchmarks/trl_step.py and benchmarks/grpo_step.py once per model, each in its own subprocess so that
-each peak RSS is its own. Prints a markdown table (seconds per step = median over the measured
-steps, speed-up = TRL / ours) and writes every result to --out (benchmarks/results.json).
+Builds the benchmark models under --model-dir (reused when their shape matches), then, per model,
+runs benchmarks/trl_step.py and benchmarks/grpo_step.py in --rounds alternating rounds (TRL first,
+then ours first, ...), each run in its own subprocess so that each peak RSS is its own. A machine
+that speeds up or slows down during the benchmark then weighs on both libraries alike. Prints a
+markdown table (seconds per step = median over the rounds of each run's median over its measured
+steps, speed-up = TRL / ours, and the speed-up of each round) and writes every run to --out
+(benchmarks/results.json).
 Workload (both sides): 10 prompts x group 8, exactly 64 new tokens, LoRA r=16 alpha=64 on all seven
 projections, beta 0.04 (reference = adapter disabled), one optimizer step per batch, float32, CPU.
 """
@@ -36,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,small", help=f"Comma list of {sorted(common.MODEL_SPECS)}.")
     p.add_argument("--libraries", default="trl,ours", help="Comma list of trl, ours.")
-    p.add_argument("--quick", action="store_true", help="2 measured steps + 1 warmup (smoke test).")
+    p.add_argument("--quick", action="store_true", help="2 measured steps + 1 warmup, 1 round unless --rounds (smoke test).")
+    p.add_argument("--rounds", type=int, default=None, help="Runs per library and model, alternating the order (default 3).")
     p.add_argument("--steps", type=int, default=5, help="Measured steps per run.")
     p.add_argument("--warmup", type=int, default=1, help="Unmeasured first steps.")
     p.add_argument("--prompts", type=int, default=10)
@@ -54,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 2, 1
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in common.MODEL_SPECS]
     if unknown or not models:
@@ -113,6 +121,34 @@ def run_one(script: Path, flags: list[str], timeout: float) -> dict[str, Any]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
     return result
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One library's rounds as one record: medians over the rounds of each run's medians, the
+    largest peak RSS, and every run under "runs". A failed round makes the record an error."""
+    errors = [r["error"] for r in runs if "error" in r]
+    if errors:
+        return {"error": errors[0], "runs": runs}
+    phases = sorted({k for r in runs for k in r.get("phases_median", {})})
+    return {
+        **runs[0],
+        "seconds_per_step_median": common.median([r["seconds_per_step_median"] for r in runs]),
+        "seconds_per_step_rounds": [r["seconds_per_step_median"] for r in runs],
+        "cpu_seconds_per_step_median": common.median([r["cpu_seconds_per_step_median"] for r in runs]),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "phases_median": {
+            name: common.median([r["phases_median"][name] for r in runs if name in r["phases_median"]])
+            for name in phases
+        },
+        "runs": runs,
+    }
+
+
+def round_speedups(row: dict[str, Any]) -> list[float]:
+    """TRL / ours seconds per step of each round."""
+    trl = row["results"].get("trl", {}).get("seconds_per_step_rounds") or []
+    ours = row["results"].get("ours", {}).get("seconds_per_step_rounds") or []
+    return [t / o for t, o in zip(trl, ours) if t and o]
 
 
 def fmt(x: float | None, spec: str) -> str:
@@ -182,14 +218,22 @@ def main(argv: list[str] | None = None) -> None:
             "params": param_count(model_dir),
             "results": {},
         }
-        for lib in args.library_list:
-            row["results"][lib] = run_one(SCRIPTS[lib], step_flags(args, model_dir), args.timeout)
-            err = row["results"][lib].get("error")
-            if err:
-                print(f"{name}/{lib} failed: {err}", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in args.library_list}
+        for round_index in range(args.rounds):
+            order = args.library_list if round_index % 2 == 0 else args.library_list[::-1]
+            for lib in order:
+                result = run_one(SCRIPTS[lib], step_flags(args, model_dir), args.timeout)
+                if "error" in result:
+                    print(f"{name}/{lib} failed: {result['error']}", file=sys.stderr, flush=True)
+                runs[lib].append(result)
+        row["results"] = {lib: combine(runs[lib]) for lib in args.library_list}
         rows.append(row)
 
     print(table(rows))
+    for row in rows:
+        ratios = round_speedups(row)
+        if len(ratios) > 1:
+            print(f"{row['model']}: speed-up of each round " + ", ".join(f"{r:.2f}x" for r in ratios))
     print()
     print("Median process CPU seconds per step, all threads (a second view when the machine is shared;\n"
           "other load still inflates it through thread contention):")
