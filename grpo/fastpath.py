@@ -13,8 +13,9 @@
 `FastQwen2` holds references to the frozen base weights of a `Qwen2ForCausalLM` (optionally wrapped
 in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls:
 
-- sampling: a separate set of generation weights, W + (B @ A) * scaling merged at each `sync` (the
-  base tensors are never written), q/k/v and gate/up fused into one matmul each; each unique prompt
+- sampling: a separate set of generation weights, W^T + scaling A^T B^T merged at each `sync` (the
+  base tensors are never written) and stored transposed, q/k/v and gate/up side by side, so that
+  each is one plain GEMM (the quickest form for a few dozen rows on CPU); each unique prompt
   is prefilled once, then one token per iteration is decoded for all N rows into a preallocated
   KV cache (N, kv_heads, P + T, head_dim) per layer, with rotary tables precomputed for every step
   and an additive padding mask built once. The token choice is `TransformersGenerator._pick`'s
@@ -23,16 +24,20 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   from one uniform per row (much cheaper on CPU, different random stream).
 - log-probs: one forward over prompt + completion with the LoRA applied unmerged
   (y = x W^T + b + (dropout(x) A^T B^T) * scaling, with peft's own lora_A / lora_B parameters, so
-  gradients land on them); the hidden states are sliced to the T predicting positions before the
+  gradients land on them). The projections that read one input (q/k/v, gate/up) run as one
+  autograd Function (`_LoraProjections`) whose backward accumulates a single input gradient in
+  place; RMSNorm and the rotary embedding have hand-written backward passes with fewer passes
+  over memory, and attention is torch's fused kernel. The hidden states are sliced to the T predicting positions before the
   final norm and lm_head, and the log-softmax is gathered chunk by chunk through a logsumexp (no
   (N, T, V) autograd graph). With `share_prompts=True` (the default) each distinct prompt of a
   block runs through the layers once and its keys/values are repeated for its rows: the same
   function of the weights (autograd sums the gradient over the group). One difference under LoRA
   dropout: the G rows of a prompt then share that prompt's dropout mask (peft draws one per row).
-- on CPU, float32 matmuls go through torch's oneDNN linear op (`torch.ops.mkldnn`, the op
-  inductor emits) when it is available: 2-3x faster than the default float32 GEMM here; frozen
-  and generation weights are packed once into its blocked layout (as inductor does); attention
-  in the log-prob pass runs as two batched GEMMs with the query heads of a key head stacked.
+- on CPU, the forward products with the frozen base weights go through torch's oneDNN linear
+  op (`torch.ops.mkldnn`, the op inductor emits) when it is available, the weights packed once
+  into its blocked layout (as inductor does for frozen weights); the other products (sampling,
+  the adapter's thin ones, the backward's in-place accumulation) through torch's own GEMM, which
+  measured as quick or quicker for them.
 
 `supports(model)` names what is covered; any other model (other architecture, other adapter types,
 rope scaling, sliding windows, merged adapters) returns False and callers use the Hugging Face path.
@@ -131,8 +136,8 @@ def dropped_positions(n: int, p: float, device: torch.device, *, gaps_per_draw: 
 
 def onednn_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
     """True when torch's oneDNN linear op (`torch.ops.mkldnn._linear_pointwise`, the one
-    inductor emits on CPU) runs here. On this project's CPUs it is 2-3x faster than the default
-    float32 GEMM; results differ only in float rounding."""
+    inductor emits on CPU) runs here. With weights packed for it (`onednn_packing_available`) it
+    runs the log-prob passes' base products; results differ only in float rounding."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return False
     try:
