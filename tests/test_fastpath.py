@@ -288,17 +288,20 @@ def test_lora_dropout_in_training_mode(policy) -> None:
 
 
 @pytest.mark.parametrize("dnn", [True, False])
-def test_sparse_lora_dropout_equals_the_keep_mask(policy, dnn: bool) -> None:
-    """On CPU the LoRA dropout zeroes the drawn positions of x and of its gradient in place of a
-    keep-mask multiply: the same output and gradients as the mask of the same draws (through
-    oneDNN where it runs, and through torch's own GEMMs)."""
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_sparse_lora_dropout_equals_the_keep_mask(policy, dnn: bool, p: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU the LoRA dropout (p <= 0.25) zeroes the drawn positions of x and of its gradient in
+    place of a keep-mask multiply; above that, and off the CPU, it multiplies by a keep mask.
+    Either way: the same output and gradients as the mask of the same draws (through oneDNN
+    where it runs, and through torch's own GEMMs)."""
     model, _ = policy
     fast = FastQwen2(model)
     fast.dnn = fast.dnn and dnn
     lay = fast.layers[1]
     mod = lay.lora["gate_proj"]
     a, b = mod.lora_A[fast.adapter].weight, mod.lora_B[fast.adapter].weight  # (r, in), (out, r)
-    p, scale = mod.lora_dropout[fast.adapter].p, mod.scaling[fast.adapter]
+    monkeypatch.setattr(mod.lora_dropout[fast.adapter], "p", p)
+    scale = mod.scaling[fast.adapter]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 40, a.shape[1], generator=gen, requires_grad=True)
     g = torch.randn(3, 40, b.shape[0], generator=gen)
