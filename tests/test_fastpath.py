@@ -52,12 +52,10 @@ def bench_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture(scope="module", params=["bench_tiny", "project_tiny"])
-def policy(request: pytest.FixtureRequest, bench_tiny_dir: Path, tiny_model_dir: Path) -> tuple[Any, Any]:
-    """(peft model with a random, non-zero LoRA in eval mode, tokenizer)."""
-    path = bench_tiny_dir if request.param == "bench_tiny" else tiny_model_dir
+def random_lora_policy(path: Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """(peft model with a random, non-zero LoRA in eval mode, tokenizer) of the model at `path`."""
     tok = load_tokenizer(str(path))
-    base = load_base_model(ModelConfig(name_or_path=str(path), build_tiny_if_missing=False, device="cpu"))
+    base = load_base_model(ModelConfig(name_or_path=str(path), build_tiny_if_missing=False, device="cpu", dtype=dtype))
     model = attach_lora(base, LoraConfig(r=8, alpha=32, dropout=0.1), seed=0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -66,6 +64,12 @@ def policy(request: pytest.FixtureRequest, bench_tiny_dir: Path, tiny_model_dir:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     model.eval()
     return model, tok
+
+
+@pytest.fixture(scope="module", params=["bench_tiny", "project_tiny"])
+def policy(request: pytest.FixtureRequest, bench_tiny_dir: Path, tiny_model_dir: Path) -> tuple[Any, Any]:
+    """(peft model with a random, non-zero LoRA in eval mode, tokenizer)."""
+    return random_lora_policy(bench_tiny_dir if request.param == "bench_tiny" else tiny_model_dir)
 
 
 def batch(tok: Any, group: int = 3, t: int = 9, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -242,19 +246,10 @@ def test_bfloat16_base_with_float32_adapter(tiny_model_dir: Path) -> None:
     """A bfloat16 base with peft's float32 adapter: the LoRA branch runs in float32 and is added
     as peft adds it, then cast. Log-probs and LoRA gradients agree with the plain path within
     bfloat16 rounding (about 0.03 on log-probs of magnitude 6, a few % on gradients)."""
-    tok = load_tokenizer(str(tiny_model_dir))
-    base = load_base_model(
-        ModelConfig(name_or_path=str(tiny_model_dir), build_tiny_if_missing=False, device="cpu", dtype="bfloat16")
-    )
-    model = attach_lora(base, LoraConfig(r=8, alpha=32, dropout=0.1), seed=0)
+    model, tok = random_lora_policy(tiny_model_dir, dtype="bfloat16")
     lora = {k: p for k, p in model.named_parameters() if p.requires_grad}
     assert {p.dtype for p in lora.values()} == {torch.float32} and supports(model)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in lora.items():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    model.eval()
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
     args = batch(tok)
     mask = args[3].bool()
 
