@@ -522,8 +522,9 @@ class FastQwen2:
         self.lm_head_t = None
         self.lm_head_p = self.lm_head
         if self.dnn:
-            # Frozen base weights for oneDNN: W^T for backward passes and, where it runs, both
-            # packed (`_packed`); kept across syncs while the base tensor is the same and unmodified.
+            # For oneDNN: lm_head^T (the log-prob backward's product) and, where packing runs, the
+            # frozen base weights and lm_head packed (`_packed`); kept across syncs while the
+            # base tensor is the same and unmodified.
             old: dict[tuple[int, bool], tuple[Tensor, int, Tensor]] = getattr(self, "_dnn_cache", {})
             cache: dict[tuple[int, bool], tuple[Tensor, int, Tensor]] = {}
 
@@ -550,7 +551,7 @@ class FastQwen2:
     @torch.no_grad()
     def sync(self, model: Any | None = None) -> None:
         """(Re)collect the weight references and merge the current adapter into the generation
-        weights: W + (B @ A) * scaling into new tensors; the base tensors are left bit-identical."""
+        weights: W^T + scaling A^T B^T into new tensors; the base tensors are left bit-identical."""
         self._collect(self.model if model is None else model)
         gen: list[_GenLayer] = []
         for lay in self.layers:
@@ -629,6 +630,8 @@ class FastQwen2:
         in training mode) draws its own mask for each projection, in order, from the global RNG
         (`dropped_positions` on CPU, `dropout_keep` elsewhere); 1 / (1 - p) goes into the scaling.
         """
+        if residual is not None and len(names) != 1:
+            raise ValueError("a residual is added to one projection only")
         projs, ab = [], []
         for name in names:
             w = lay.w[name]  # (out, in)
