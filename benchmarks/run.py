@@ -1,6 +1,6 @@
 """Side-by-side GRPO step speed: this project against TRL's GRPOTrainer, on identical work (`make bench`).
 
-    python benchmarks/run.py                      # tiny (~106k) and small (~2.5M) models, 3 rounds of 5 steps + 1 warmup
+    python benchmarks/run.py                      # tiny (~106k) and small (~2.5M) models, 3 rounds
     python benchmarks/run.py --quick              # 1 round of 2 steps + 1 warmup: a smoke test
     python benchmarks/run.py --models tiny --libraries trl --rounds 1
 
@@ -39,8 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,small", help=f"Comma list of {sorted(common.MODEL_SPECS)}.")
     p.add_argument("--libraries", default="trl,ours", help="Comma list of trl, ours.")
-    p.add_argument("--quick", action="store_true", help="2 measured steps + 1 warmup, 1 round unless --rounds (smoke test).")
-    p.add_argument("--rounds", type=int, default=None, help="Runs per library and model, alternating the order (default 3).")
+    p.add_argument(
+        "--quick", action="store_true", help="2 measured steps + 1 warmup, 1 round unless --rounds (smoke test)."
+    )
+    p.add_argument(
+        "--rounds", type=int, default=None, help="Runs per library and model, alternating the order (default 3)."
+    )
     p.add_argument("--steps", type=int, default=5, help="Measured steps per run.")
     p.add_argument("--warmup", type=int, default=1, help="Unmeasured first steps.")
     p.add_argument("--prompts", type=int, default=10)

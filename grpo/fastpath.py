@@ -27,9 +27,9 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   gradients land on them). The projections that read one input (q/k/v, gate/up) run as one
   autograd Function (`_LoraProjections`) whose backward accumulates a single input gradient in
   place; RMSNorm and the rotary embedding have hand-written backward passes with fewer passes
-  over memory, and attention is torch's fused kernel. The hidden states are sliced to the T predicting positions before the
-  final norm and lm_head, and the log-softmax is gathered chunk by chunk through a logsumexp (no
-  (N, T, V) autograd graph). With `share_prompts=True` (the default) each distinct prompt of a
+  over memory, and attention is torch's fused kernel. The hidden states are sliced to the T
+  predicting positions before the final norm and lm_head, and the log-softmax is gathered chunk
+  by chunk through a logsumexp (no (N, T, V) autograd graph). With `share_prompts=True` (the default) each distinct prompt of a
   block runs through the layers once and its keys/values are repeated for its rows: the same
   function of the weights (autograd sums the gradient over the group). One difference under LoRA
   dropout: the G rows of a prompt then share that prompt's dropout mask (peft draws one per row).
@@ -215,7 +215,9 @@ def _rotary(x: Tensor, cos: Tensor, signed_sin: Tensor, *, transpose: bool = Fal
     `transpose` applies the transposed rotation (the backward): the halves of sin swap."""
     h = x.shape[-1] // 2
     out = x * cos  # (..., D)
-    first, second = (signed_sin[..., h:], signed_sin[..., :h]) if transpose else (signed_sin[..., :h], signed_sin[..., h:])
+    first, second = signed_sin[..., :h], signed_sin[..., h:]  # (..., D/2) each
+    if transpose:
+        first, second = second, first
     out[..., :h].addcmul_(x[..., h:], first)
     out[..., h:].addcmul_(x[..., :h], second)
     return out
@@ -269,7 +271,9 @@ class _LoraProjections(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, residual: Tensor | None, projs: list[_Projection], *ab: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        ctx: Any, x: Tensor, residual: Tensor | None, projs: list[_Projection], *ab: Tensor
+    ) -> tuple[Tensor, ...]:
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         outs, saved, pairs = [], [], iter(zip(ab[0::2], ab[1::2]))
         for pr in projs:
@@ -845,7 +849,9 @@ class FastQwen2:
             caches.append((kc, vc))
         del kv, hidden
         # per layer: the slot-writing views (N, Hkv, P+T, D), keys^T (N Hkv, D, P+T), values (N Hkv, P+T, D)
-        cache_views = [(kc, vc, kc.view(n * hkv, span, d).transpose(1, 2), vc.view(n * hkv, span, d)) for kc, vc in caches]
+        cache_views = [
+            (kc, vc, kc.view(n * hkv, span, d).transpose(1, 2), vc.view(n * hkv, span, d)) for kc, vc in caches
+        ]
 
         # Additive mask over the cache span: -inf on prompt padding, 0 on real and new tokens.
         add_mask = torch.zeros(n, span, dtype=self.dtype, device=dev)  # (N, P+T)
@@ -864,7 +870,8 @@ class FastQwen2:
         layers, head = self.gen_layers, self.lm_head_gen  # head: (H, V)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)  # (S,)
         # -inf on the stop tokens, added to the logits while min_new_tokens is not reached
-        no_stop = torch.zeros(head.shape[1], dtype=torch.float32, device=dev).index_fill_(0, stop, float("-inf"))  # (V,)
+        no_stop = torch.zeros(head.shape[1], dtype=torch.float32, device=dev)  # (V,)
+        no_stop.index_fill_(0, stop, float("-inf"))
         tokens: list[Tensor] = []  # (N,) each
         finished = torch.zeros(n, dtype=torch.bool, device=dev)  # (N,)
         lengths = torch.full((n,), t_max, dtype=torch.long, device=dev)  # (N,)
