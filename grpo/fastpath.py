@@ -29,9 +29,10 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   place; RMSNorm and the rotary embedding have hand-written backward passes with fewer passes
   over memory, and attention is torch's fused kernel. The hidden states are sliced to the T
   predicting positions before the final norm and lm_head, and the log-softmax is gathered chunk
-  by chunk through a logsumexp (no (N, T, V) autograd graph). With `share_prompts=True` (the default) each distinct prompt of a
-  block runs through the layers once and its keys/values are repeated for its rows: the same
-  function of the weights (autograd sums the gradient over the group). One difference under LoRA
+  by chunk through a logsumexp (no (N, T, V) autograd graph). With `share_prompts=True` (the
+  default) each distinct prompt of a block runs through the layers once and its keys/values are
+  repeated for its rows: the same function of the weights (autograd sums the gradient over the
+  group). One difference under LoRA
   dropout: the G rows of a prompt then share that prompt's dropout mask (peft draws one per row).
 - on CPU, the forward products with the frozen base weights go through torch's oneDNN linear
   op (`torch.ops.mkldnn`, the op inductor emits) when it is available, the weights packed once
