@@ -63,6 +63,7 @@ from torch import Tensor, nn
 
 from grpo.algorithm import in_row_blocks
 from grpo.config import GenerationConfig
+from grpo.native import kernels
 from grpo.rollout import (
     SAMPLERS, Rollout, TransformersGenerator, _completion_texts, _unique, pick_tokens, tokenize_prompts,
 )
@@ -184,10 +185,15 @@ def _dnn(x: Tensor, w: Tensor, b: Tensor | None, add: Tensor | None) -> Tensor:
 
 
 def _rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(x r w, r) with r = 1 / sqrt(mean(x^2) + eps) (..., 1): three full-size passes over x,
-    where torch's composite CPU rms_norm takes about six."""
-    r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
-    r = r.square_().div_(x.shape[-1]).add_(eps).rsqrt_()  # (..., 1)
+    """(x r w, r) with r = 1 / sqrt(mean(x^2) + eps) (..., 1) for float32 CPU tensors: one pass
+    with the native kernel (`grpo.native`), else three full-size passes over x, where torch's
+    composite CPU rms_norm takes about six."""
+    native = kernels()
+    if native is not None and native.runs_on(x, w):
+        out, r = native.rms_norm(x, w, eps, with_rstd=True)
+        return out, r  # type: ignore[return-value]
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
+    r = torch.addcmul(torch.tensor(eps, dtype=x.dtype), norm, norm, value=1 / x.shape[-1]).rsqrt_()  # (..., 1)
     return torch.mul(x, r).mul_(w), r  # (..., H), (..., 1)
 
 
@@ -205,9 +211,37 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         x, w, r = ctx.saved_tensors
+        native = kernels()
+        if native is not None:
+            return native.rms_norm_backward(g, x, w, r), None, None  # (..., H)
         gw = g * w  # (..., H)
         coef = torch.linalg.vecdot(gw, x, dim=-1)[..., None].mul_(r.square()).div_(-x.shape[-1])  # (..., 1)
         return torch.addcmul(gw, x, coef).mul_(r), None, None  # (..., H)
+
+
+def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up: the native kernels' single pass for float32 CPU tensors (`_SwiGLU` when
+    autograd needs it), else torch's operators."""
+    native = kernels()
+    if native is None or not native.runs_on(gate, up):
+        return F.silu(gate) * up
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return native.swiglu(gate, up)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up with the native one-pass forward and backward (float32 CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return kernels().swiglu(gate, up)  # type: ignore[union-attr]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, Tensor]:
+        gate, up = ctx.saved_tensors
+        return kernels().swiglu_backward(g, gate, up)  # type: ignore[union-attr]
 
 
 def _rotary(x: Tensor, cos: Tensor, signed_sin: Tensor, *, transpose: bool = False) -> Tensor:
@@ -679,9 +713,9 @@ class FastQwen2:
         """residual + down(silu(gate(x)) * up(x)) for a normed x (n, L, H)."""
         if gen is not None:
             gate, up = _mm(x, gen.gate_up_t).chunk(2, dim=-1)  # (n, L, I) each
-            return _mm(F.silu(gate) * up, gen.down_t, add=residual)  # (n, L, H)
+            return _mm(_swiglu(gate, up), gen.down_t, add=residual)  # (n, L, H)
         gate, up = self._project(x, lay, ("gate_proj", "up_proj"), use_adapter)  # (n, L, I) each
-        return self._proj(F.silu(gate) * up, lay, "down_proj", use_adapter, residual)  # (n, L, H)
+        return self._proj(_swiglu(gate, up), lay, "down_proj", use_adapter, residual)  # (n, L, H)
 
     def _o(
         self, x: Tensor, lay: _Layer, gen: _GenLayer | None, use_adapter: bool, residual: Tensor
@@ -855,9 +889,12 @@ class FastQwen2:
         ]
 
         # Additive mask over the cache span: -inf on prompt padding, 0 on real and new tokens.
-        add_mask = torch.zeros(n, span, dtype=self.dtype, device=dev)  # (N, P+T)
-        add_mask[:, :p].masked_fill_(u_mask.index_select(0, rows) == 0, float("-inf"))
-        add_mask = add_mask.repeat_interleave(hkv, dim=0)[:, None, :]  # (N Hkv, 1, P+T)
+        row_mask = torch.zeros(n, span, dtype=self.dtype, device=dev)  # (N, P+T)
+        row_mask[:, :p].masked_fill_(u_mask.index_select(0, rows) == 0, float("-inf"))
+        add_mask = row_mask.repeat_interleave(hkv, dim=0)[:, None, :]  # (N Hkv, 1, P+T)
+        # the compiled attention step (rotary, cache write, attention in one kernel), where it runs
+        native = kernels() if dev.type == "cpu" and self.dtype == torch.float32 else None
+        att_out = torch.empty(n, hq * d, dtype=self.dtype, device=dev)  # (N, Hq D) its output
 
         # Rotary tables of every decode step: positions next_pos + t.
         u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
@@ -878,8 +915,14 @@ class FastQwen2:
         lengths = torch.full((n,), t_max, dtype=torch.long, device=dev)  # (N,)
         pad_tok = torch.full((n,), pad_id, dtype=torch.long, device=dev)  # (N,)
         qk_dim = (hq + hkv) * d
-        embed, norm, eps, hidden_size = self.embed, self.norm, self.eps, self.hidden_size
-        fp32 = self.dtype == torch.float32
+        embed, norm, eps = self.embed, self.norm, self.eps
+        if self.dtype == torch.float32 and dev.type == "cpu":
+
+            def rms(x: Tensor, w: Tensor) -> Tensor:  # (N, H) -> (N, H)
+                return _rms_norm(x, w, eps)[0]
+
+        else:
+            rms = self._rms
         for t in range(t_max):
             if t < min_new_tokens and stop.numel():
                 logits = logits + no_stop  # (N, V)
@@ -897,21 +940,24 @@ class FastQwen2:
             c, s = cos[t], sin[t]  # (N, 1, D)
             x = F.embedding(token, embed)  # (N, H)
             for (kc, vc, keys_t, values), g in zip(cache_views, layers):
-                h = F.rms_norm(x, (hidden_size,), g.ln1, eps) if fp32 else self._rms(x, g.ln1)
+                h = rms(x, g.ln1)
                 qkv = torch.addmm(g.qkv_b, h, g.qkv_t)  # (N, (Hq + 2 Hkv) D)
-                qk = qkv[:, :qk_dim].view(n, hq + hkv, d)  # (N, Hq + Hkv, D)
-                qk = torch.addcmul(qk * c, torch.roll(qk, half, dims=-1), s)  # (N, Hq + Hkv, D)
-                kc[:, :, slot].copy_(qk[:, hq:])
-                vc[:, :, slot].copy_(qkv[:, qk_dim:].view(n, hkv, d))
-                q = qk[:, :hq].reshape(n * hkv, rep, d)  # (N Hkv, rep, D)
-                att = torch.baddbmm(add_mask[:, :, :length], q, keys_t[:, :, :length], alpha=scale)  # (N Hkv, rep, L)
-                att = torch.bmm(att.softmax(dim=-1), values[:, :length])  # (N Hkv, rep, D)
-                att = att.view(n, hq * d)  # (N, Hq D)
+                if native is not None:
+                    att = native.decode_attention(qkv, c, s, kc, vc, row_mask, att_out, slot, scale)  # (N, Hq D)
+                else:
+                    qk = qkv[:, :qk_dim].view(n, hq + hkv, d)  # (N, Hq + Hkv, D)
+                    qk = torch.addcmul(qk * c, torch.roll(qk, half, dims=-1), s)  # (N, Hq + Hkv, D)
+                    kc[:, :, slot].copy_(qk[:, hq:])
+                    vc[:, :, slot].copy_(qkv[:, qk_dim:].view(n, hkv, d))
+                    q = qk[:, :hq].reshape(n * hkv, rep, d)  # (N Hkv, rep, D)
+                    att = torch.baddbmm(add_mask[:, :, :length], q, keys_t[:, :, :length], alpha=scale)  # (N Hkv, rep, L)
+                    att = torch.bmm(att.softmax(dim=-1), values[:, :length])  # (N Hkv, rep, D)
+                    att = att.view(n, hq * d)  # (N, Hq D)
                 x = torch.addmm(x, att, g.o_t)  # (N, H)
-                h = F.rms_norm(x, (hidden_size,), g.ln2, eps) if fp32 else self._rms(x, g.ln2)
+                h = rms(x, g.ln2)
                 gate, up = torch.mm(h, g.gate_up_t).chunk(2, dim=-1)  # (N, I) each
-                x = torch.addmm(x, F.silu(gate, inplace=True).mul_(up), g.down_t)  # (N, H)
-            h = F.rms_norm(x, (hidden_size,), norm, eps) if fp32 else self._rms(x, norm)
+                x = torch.addmm(x, _swiglu(gate, up), g.down_t)  # (N, H)
+            h = rms(x, norm)
             logits = torch.mm(h, head).float()  # (N, V)
         out = torch.stack(tokens, dim=1)  # (N, steps)
         return out, lengths, finished

@@ -1,0 +1,242 @@
+"""Native CPU kernels for the sampling loop: `native_kernels.c`, compiled on first use.
+
+The decode step's attention (rotary embedding of the new query and key, the cache write,
+softmax(q k^T) v over the cache) is a chain of about a dozen small torch operators per layer and
+token; on CPU it costs more in dispatch and trips through memory than in arithmetic. The C
+kernel does it in one pass per row and head, with OpenMP threads.
+
+The source is compiled with the system C compiler (`$CC`, else `cc`; `-O3 -march=native
+-fopenmp`) into `$GRPO_NATIVE_CACHE` (default `~/.cache/grpo-pipeline/native`), keyed by the
+source, the compiler and the CPU, once per machine (well under a second), then loaded with
+ctypes. It links the OpenMP runtime by its soname, so it shares the one torch has loaded. Where
+anything of this is missing (no compiler, not Linux, a failed build or self-check) `kernels()`
+returns None, says why once in the log, and callers keep their torch path. `GRPO_NATIVE=0`
+turns the kernels off.
+
+Kernels (float32 CPU tensors; see the C source for each):
+- `decode_attention`: a decode step's rotary embedding, cache write and attention.
+- `swiglu` / `swiglu_backward`: silu(gate) * up and its gradients, one pass each.
+- `rms_norm` / `rms_norm_backward`: RMSNorm and its input gradient, one pass each.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared", "-std=gnu99")
+
+
+class NativeKernels:
+    """The loaded library with typed wrappers."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        f = lib.grpo_decode_attention
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+        self._attention = f
+        ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+        self._swiglu = self._typed(lib.grpo_swiglu, [ptr, ptr, i64, ptr, i64, i32, i32])
+        self._swiglu_backward = self._typed(lib.grpo_swiglu_backward, [ptr] * 5 + [i64, i32, i32])
+        self._rms_norm = self._typed(lib.grpo_rms_norm, [ptr] * 4 + [i64, i32, f32, i32])
+        self._rms_norm_backward = self._typed(lib.grpo_rms_norm_backward, [ptr] * 5 + [i64, i32, i32])
+
+    @staticmethod
+    def _typed(f: Any, argtypes: list[Any]) -> Any:
+        f.restype, f.argtypes = None, argtypes
+        return f
+
+    @staticmethod
+    def runs_on(*tensors: Tensor) -> bool:
+        """True when every tensor is a float32 CPU tensor whose last dim is contiguous."""
+        return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
+
+    def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
+        """silu(gate) * up -> a new contiguous tensor; gate and up (..., W) may be strided views
+        (e.g. the halves of one (..., 2W) tensor) with the same row stride."""
+        width = gate.shape[-1]
+        rows = gate.numel() // width
+        stride = gate.stride(-2) if gate.dim() > 1 else width
+        if up.shape != gate.shape or (gate.dim() > 1 and up.stride(-2) != stride) or not _rows_uniform(gate):
+            raise ValueError("swiglu: gate and up need one shape and one row stride")
+        out = torch.empty(gate.shape, dtype=gate.dtype)
+        self._swiglu(gate.data_ptr(), up.data_ptr(), stride, out.data_ptr(), rows, width, torch.get_num_threads())
+        return out
+
+    def swiglu_backward(self, grad: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        """(d gate, d up) of silu(gate) * up for contiguous tensors of one shape."""
+        grad, gate, up = grad.contiguous(), gate.contiguous(), up.contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        width = gate.shape[-1]
+        self._swiglu_backward(
+            grad.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(), dup.data_ptr(),
+            gate.numel() // width, width, torch.get_num_threads(),
+        )  # fmt: skip
+        return dgate, dup
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, with_rstd: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(x r w, r (..., 1) or None), r = 1 / sqrt(mean(x^2) + eps) over the last dim."""
+        x = x.contiguous()
+        h = x.shape[-1]
+        out = torch.empty_like(x)
+        rstd = torch.empty(*x.shape[:-1], 1, dtype=x.dtype) if with_rstd else None
+        self._rms_norm(
+            x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rstd.data_ptr() if rstd is not None else None,
+            x.numel() // h, h, eps, torch.get_num_threads(),
+        )  # fmt: skip
+        return out, rstd
+
+    def rms_norm_backward(self, grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
+        """The input gradient of `rms_norm` (weight frozen)."""
+        grad, x = grad.contiguous(), x.contiguous()
+        dx = torch.empty_like(x)
+        h = x.shape[-1]
+        self._rms_norm_backward(
+            grad.data_ptr(), x.data_ptr(), weight.contiguous().data_ptr(), rstd.contiguous().data_ptr(),
+            dx.data_ptr(), x.numel() // h, h, torch.get_num_threads(),
+        )  # fmt: skip
+        return dx
+
+    def decode_attention(
+        self,
+        qkv: Tensor,
+        cos: Tensor,
+        signed_sin: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        mask: Tensor,
+        out: Tensor,
+        slot: int,
+        scale: float,
+    ) -> Tensor:
+        """One decode step: qkv (N, (Hq + 2 Hkv) D), cos / signed_sin (N, D), caches
+        (N, Hkv, S, D) (slot `slot` is written), mask (N, S) additive -> out (N, Hq D)."""
+        n, hkv, span, d = k_cache.shape
+        hq = out.shape[1] // d
+        if qkv.shape != (n, (hq + 2 * hkv) * d) or mask.shape != (n, span) or not 0 <= slot < span:
+            raise ValueError("decode_attention: shapes do not agree")
+        self._attention(
+            qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            mask.data_ptr(), out.data_ptr(), n, hq, hkv, d, span, slot, scale, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+def _rows_uniform(t: Tensor) -> bool:
+    """True when t (..., W) is rows of W contiguous values, one row stride apart."""
+    if t.dim() <= 2:
+        return True
+    flat = t.shape[:-1]
+    stride = t.stride(-2)
+    expected = stride
+    for size, st in zip(reversed(flat), reversed(t.stride()[:-1])):
+        if size != 1 and st != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GRPO_NATIVE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grpo-pipeline" / "native"
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags: -march=native code is only reused on the same kind."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = [ln for ln in lines if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(wanted)))
+
+
+def build(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
+    """Compile the kernels (once: an existing build for this source, compiler and CPU is reused)
+    and return the shared library's path. Raises RuntimeError, naming the command, on failure."""
+    cc = shutil.which(compiler or os.environ.get("CC") or "cc")
+    if cc is None:
+        raise RuntimeError(f"no C compiler found ({compiler or os.environ.get('CC') or 'cc'}); install gcc")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    out_dir = cache_dir or _cache_dir()
+    target = out_dir / f"grpo_native_{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # built aside, then renamed: atomic
+        tmp_so = Path(tmp) / target.name
+        cmd = [cc, *FLAGS, str(SOURCE), "-o", str(tmp_so), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp_so, target)
+    return target
+
+
+def _self_check(kernels: NativeKernels) -> None:
+    """A small attention step against torch's operators; raises RuntimeError on disagreement."""
+    g = torch.Generator().manual_seed(0)
+    n, hq, hkv, d, span, slot = 3, 4, 2, 8, 6, 4
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
+    cos, sin = torch.rand(n, d, generator=g), torch.rand(n, d, generator=g)
+    kc, vc = torch.randn(n, hkv, span, d, generator=g), torch.randn(n, hkv, span, d, generator=g)
+    mask = torch.zeros(n, span)
+    mask[0, :2] = float("-inf")
+    out = kernels.decode_attention(qkv, cos, sin, kc, vc, mask, torch.empty(n, hq * d), slot, d**-0.5)
+    want = reference_decode_attention(qkv, cos, sin, kc.clone(), vc.clone(), mask, hq, slot, d**-0.5)
+    if not torch.allclose(out, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError("the compiled kernel disagrees with torch on a test step")
+
+
+def reference_decode_attention(
+    qkv: Tensor, cos: Tensor, signed_sin: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor,
+    hq: int, slot: int, scale: float,
+) -> Tensor:  # fmt: skip
+    """`NativeKernels.decode_attention` in torch operators (writes the caches too) -> (N, Hq D)."""
+    n, hkv, _, d = k_cache.shape
+    heads = qkv.view(n, hq + 2 * hkv, d)  # (N, Hq + 2 Hkv, D)
+    qk = heads[:, : hq + hkv]  # (N, Hq + Hkv, D)
+    qk = qk * cos[:, None] + torch.roll(qk, d // 2, dims=-1) * signed_sin[:, None]  # (N, Hq + Hkv, D)
+    k_cache[:, :, slot] = qk[:, hq:]
+    v_cache[:, :, slot] = heads[:, hq + hkv :]
+    q = qk[:, :hq].reshape(n, hkv, hq // hkv, d)  # (N, Hkv, rep, D)
+    keys, values = k_cache[:, :, : slot + 1], v_cache[:, :, : slot + 1]  # (N, Hkv, L, D)
+    att = q @ keys.transpose(-1, -2) * scale + mask[:, None, None, : slot + 1]  # (N, Hkv, rep, L)
+    return (att.softmax(-1) @ values).reshape(n, hq * d)  # (N, Hq D)
+
+
+@functools.cache
+def kernels() -> NativeKernels | None:
+    """The compiled kernels, or None (the reason logged once) where they cannot run here."""
+    if os.environ.get("GRPO_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if platform.system() != "Linux":
+        log.info("native kernels: off (built on Linux only)")
+        return None
+    try:
+        loaded = NativeKernels(ctypes.CDLL(str(build())))
+        _self_check(loaded)
+    except (OSError, RuntimeError, AttributeError) as exc:
+        log.warning("native kernels unavailable, using torch operators instead: %s", exc)
+        return None
+    return loaded

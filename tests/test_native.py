@@ -1,0 +1,151 @@
+"""The native CPU kernels (`grpo.native`) against torch's operators, and the fast path with and
+without them.
+
+Run: `pytest -q tests/test_native.py`. The kernels are built with the machine's C compiler on
+first use (cached); where there is none, the kernel tests skip and the fallback test still runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import grpo.fastpath as fastpath
+from grpo.config import GenerationConfig
+from grpo.models import build_tiny_model
+from grpo.native import NativeKernels, build, kernels, reference_decode_attention
+
+from test_fastpath import random_lora_policy  # tests/ is on sys.path under pytest
+
+HAVE_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+@pytest.fixture
+def native() -> NativeKernels:
+    if not HAVE_CC:
+        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    loaded = kernels()
+    assert loaded is not None, "a C compiler is here, so the kernels must build and pass their self-check"
+    return loaded
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("hq, hkv, d", [(4, 2, 64), (14, 2, 64), (4, 4, 128), (6, 2, 24)])
+def test_decode_attention_matches_torch(native: NativeKernels, threads: int, hq: int, hkv: int, d: int) -> None:
+    g = torch.Generator().manual_seed(hq * d)
+    n, span = 7, 30
+    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
+    cos, sin = torch.rand(n, d, generator=g), torch.rand(n, d, generator=g) - 0.5
+    kc, vc = torch.randn(n, hkv, span, d, generator=g), torch.randn(n, hkv, span, d, generator=g)
+    mask = torch.zeros(n, span)
+    mask[0, :5] = float("-inf")  # left padding of two rows
+    mask[3, :1] = float("-inf")
+    for slot in (5, 17, span - 1):
+        k_ref, v_ref = kc.clone(), vc.clone()
+        want = reference_decode_attention(qkv, cos, sin, k_ref, v_ref, mask, hq, slot, d**-0.5)
+        out = native.decode_attention(qkv, cos, sin, kc, vc, mask, torch.empty(n, hq * d), slot, d**-0.5)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kc, k_ref, rtol=1e-6, atol=1e-6)  # the slot written, the rest kept
+        assert torch.equal(vc, v_ref)
+    with pytest.raises(ValueError, match="shapes"):
+        native.decode_attention(qkv[:, :-1], cos, sin, kc, vc, mask, torch.empty(n, hq * d), 3, 1.0)
+
+
+def test_swiglu_matches_torch(native: NativeKernels, threads: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(3, 50, 96, generator=g) * 4
+    gate[0, 0, :6] = torch.tensor([0.0, -90.0, 90.0, 1e-40, -1e-3, 30.0])  # saturation, denormal, zero
+    up = torch.randn(3, 50, 96, generator=g)
+    torch.testing.assert_close(native.swiglu(gate, up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+    both = torch.randn(40, 2 * 96, generator=g) * 3  # the two halves of one tensor: strided rows
+    a, b = both.chunk(2, dim=-1)
+    torch.testing.assert_close(native.swiglu(a, b), F.silu(a) * b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="row stride"):
+        native.swiglu(a, b.contiguous())
+
+    grad = torch.randn(3, 50, 96, generator=g)
+    gate_ = gate.clone().requires_grad_()
+    up_ = up.clone().requires_grad_()
+    (F.silu(gate_) * up_).backward(grad)
+    dgate, dup = native.swiglu_backward(grad, gate, up)
+    torch.testing.assert_close(dgate, gate_.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dup, up_.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_matches_torch(native: NativeKernels, threads: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 40, 72, generator=g) * 3
+    w = torch.randn(72, generator=g)
+    out, rstd = native.rms_norm(x, w, 1e-6, with_rstd=True)
+    torch.testing.assert_close(out, F.rms_norm(x, (72,), w, 1e-6), rtol=1e-5, atol=1e-5)
+    assert rstd is not None and rstd.shape == (5, 40, 1)
+    assert native.rms_norm(x, w, 1e-6)[1] is None
+
+    grad = torch.randn(5, 40, 72, generator=g)
+    x_ = x.clone().requires_grad_()
+    F.rms_norm(x_, (72,), w, 1e-6).backward(grad)
+    torch.testing.assert_close(native.rms_norm_backward(grad, x, w, rstd), x_.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_build_is_cached_and_failures_are_one_line(tmp_path: Path) -> None:
+    if not HAVE_CC:
+        pytest.skip("no C compiler on this machine")
+    first = build(cache_dir=tmp_path)
+    assert first.exists() and build(cache_dir=tmp_path) == first  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftovers of the build
+    with pytest.raises(RuntimeError, match="no C compiler found"):
+        build(compiler="no-such-compiler-here", cache_dir=tmp_path)
+
+
+def test_fast_path_same_with_and_without_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling, log-probs and gradients of the fast path agree with the kernels on and off
+    (`GRPO_NATIVE=0` does the same as kernels() returning None)."""
+    path = build_tiny_model(tmp_path / "tiny", seed=3, hidden_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, intermediate_size=128)  # fmt: skip
+    model, tok = random_lora_policy(path)
+    prompts = ["nums: 1 2 3 target: 6\n", "x"]
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        gen = fastpath.FastGenerator(model, tok, cfg)
+        ro = gen.generate(prompts, 4, generator=torch.Generator().manual_seed(0))
+        model.train()
+        torch.manual_seed(0)
+        logp = fastpath.completion_logprobs_fast(
+            gen.fast, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask
+        )  # (N, T)
+        model.zero_grad()
+        (logp * ro.completion_mask).sum().backward()
+        model.eval()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return ro.completion_ids, logp.detach(), grads
+
+    ids_on, logp_on, grads_on = run()
+    monkeypatch.setattr(fastpath, "kernels", lambda: None)
+    ids_off, logp_off, grads_off = run()
+    assert torch.equal(ids_on, ids_off)
+    torch.testing.assert_close(logp_on, logp_off, rtol=1e-4, atol=1e-5)
+    for on, off in zip(grads_on, grads_off):  # float rounding, bounded relative to each tensor's scale
+        torch.testing.assert_close(on, off, rtol=1e-3, atol=1e-4 * off.abs().max().item())
+
+
+def test_env_switch_turns_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GRPO_NATIVE", "0")
+    kernels.cache_clear()
+    try:
+        assert kernels() is None
+    finally:
+        monkeypatch.delenv("GRPO_NATIVE")
+        kernels.cache_clear()
