@@ -1,4 +1,4 @@
-"""A fast path for Qwen2-architecture policies: lean sampling and per-token log-probs in plain torch.
+"""A fast path for Qwen2-architecture policies: lean sampling and per-token log-probs.
 
     from grpo.fastpath import FastGenerator, completion_logprobs_fast, supports
     if supports(model):                                   # else: the plain Hugging Face path
@@ -39,6 +39,9 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   into its blocked layout (as inductor does for frozen weights); the other products (sampling,
   the adapter's thin ones, the backward's in-place accumulation) through torch's own GEMM, which
   measured as quick or quicker for them.
+- on CPU in float32, the decode step's rotary embedding + cache write + attention, SwiGLU and
+  RMSNorm (forward and backward) run as the native kernels of `grpo.native` when they build here
+  (one pass each instead of a chain of small operators); otherwise as torch operators.
 
 `supports(model)` names what is covered; any other model (other architecture, other adapter types,
 rope scaling, sliding windows, merged adapters) returns False and callers use the Hugging Face path.
