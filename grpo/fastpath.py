@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from grpo.algorithm import in_row_blocks
 from grpo.config import GenerationConfig
-from grpo.native import kernels
+from grpo.native import NativeKernels, kernels
 from grpo.rollout import (
     SAMPLERS, Rollout, TransformersGenerator, _completion_texts, _unique, pick_tokens, tokenize_prompts,
 )
@@ -250,7 +250,18 @@ class _SwiGLU(torch.autograd.Function):
 def _rotary(x: Tensor, cos: Tensor, signed_sin: Tensor, *, transpose: bool = False) -> Tensor:
     """x * cos + rotate_half(x) * sin (rotate_half's sign folded into `signed_sin`) as one multiply
     and two half-width multiply-adds: five passes over x where mul, roll and addcmul take seven.
-    `transpose` applies the transposed rotation (the backward): the halves of sin swap."""
+    `transpose` applies the transposed rotation (the backward): the halves of sin swap. The
+    native kernel does it in one pass for float32 CPU heads x (n, H, L, D), cos (n, 1, L, D)."""
+    native = kernels()
+    if (
+        native is not None
+        and x.dim() == 4
+        and native.runs_on(x, cos, signed_sin)
+        and cos.shape == (x.shape[0], 1, *x.shape[2:])
+        and cos.is_contiguous()
+        and signed_sin.is_contiguous()
+    ):
+        return native.rotary(x, cos, signed_sin, transpose=transpose)  # (n, H, L, D)
     h = x.shape[-1] // 2
     out = x * cos  # (..., D)
     first, second = signed_sin[..., :h], signed_sin[..., h:]  # (..., D/2) each
@@ -306,12 +317,21 @@ class _LoraProjections(torch.autograd.Function):
     ONE input gradient for all the projections, accumulated in place (the dropout-masked
     (g B) A, then + g W by the GEMM itself), where autograd would materialise and sum two
     tensors per projection. The dropout draws are the caller's (`_Projection`).
+
+    With the native kernels (float32 CPU, sparse dropout or none), `forward_corrected` and
+    `backward_corrected` run instead: one x A^T product for the whole group and one product each
+    for the A gradients and the adapters' input gradient, corrected at the dropped entries only,
+    where the form above copies x once per projection and multiplies each copy separately.
     """
 
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, residual: Tensor | None, projs: list[_Projection], *ab: Tensor
     ) -> tuple[Tensor, ...]:
+        native = kernels()
+        if native is not None and _LoraProjections.corrects_dropout(native, x, projs, ab):
+            return _LoraProjections.forward_corrected(ctx, native, x, residual, projs, ab)
+        ctx.native = None
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         outs, saved, pairs = [], [], iter(zip(ab[0::2], ab[1::2]))
         for pr in projs:
@@ -339,6 +359,8 @@ class _LoraProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        if ctx.native is not None:
+            return _LoraProjections.backward_corrected(ctx, *grads)
         projs: list[_Projection] = ctx.projs
         tensors = ctx.saved_tensors
         n_saved = 2 * sum(pr.lora for pr in projs)
@@ -369,6 +391,85 @@ class _LoraProjections(torch.autograd.Function):
                     gx = t if gx is None else gx.add_(t)
             if want_x:
                 gx = torch.mm(g, pr.w) if gx is None else gx.addmm_(g, pr.w)  # (M, in)
+        grad_x = gx.view(ctx.x_shape) if gx is not None else None
+        grad_res = grads[0] if ctx.needs_input_grad[1] else None
+        return (grad_x, grad_res, None, *grad_ab)
+
+    # -- the native form: one x A^T product for the group, dropout as corrections (float32 CPU) --
+
+    @staticmethod
+    def corrects_dropout(native: NativeKernels, x: Tensor, projs: list[_Projection], ab: tuple[Tensor, ...]) -> bool:
+        """True when the native form applies: float32 CPU x and adapters, sparse dropout or none."""
+        return bool(ab) and native.runs_on(x, *ab) and all(pr.keep is None for pr in projs)
+
+    @staticmethod
+    def forward_corrected(
+        ctx: Any, native: NativeKernels, x: Tensor, residual: Tensor | None, projs: list[_Projection],
+        ab: tuple[Tensor, ...],
+    ) -> tuple[Tensor, ...]:  # fmt: skip
+        """x A^T for all the group's adapters in one GEMM (x read once, no dropped copies of x),
+        then each projection's dropped entries subtracted (`NativeKernels.lora_drop_xa`)."""
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+        a_all = torch.cat(ab[0::2]) if len(ab) > 2 else ab[0]  # (sum R, in)
+        xa_all = torch.mm(x2, a_all.t())  # (M, sum R)
+        outs, col, pairs = [], 0, iter(zip(ab[0::2], ab[1::2]))
+        for pr in projs:
+            out_dim = pr.w.shape[0]
+            add = residual.reshape(-1, out_dim) if residual is not None else None  # (M, out)
+            if pr.w_fwd is not pr.w:  # oneDNN-packed
+                y = _dnn(x2, pr.w_fwd, pr.bias, add)  # (M, out)
+            elif add is not None:
+                y = torch.addmm(add if pr.bias is None else add + pr.bias, x2, pr.w.t())  # (M, out)
+            else:
+                y = F.linear(x2, pr.w, pr.bias)  # (M, out)
+            if pr.lora:
+                a, b = next(pairs)  # (r, in), (out, r)
+                xa = xa_all[:, col : col + a.shape[0]]  # (M, r)
+                col += a.shape[0]
+                if pr.drops is not None:
+                    native.lora_drop_xa(x2, pr.drops, a.t().contiguous(), xa)
+                y.addmm_(xa, b.t(), alpha=pr.scale)  # (M, out)
+            outs.append(y.view(*x.shape[:-1], out_dim))
+        ctx.native, ctx.projs, ctx.x_shape = native, projs, x.shape
+        ctx.save_for_backward(x2, xa_all, a_all, *ab)
+        return tuple(outs)
+
+    @staticmethod
+    def backward_corrected(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        """The gradients of `forward_corrected`: A's from one (sum R, M) x (M, in) GEMM and the input
+        gradient's adapter terms from one (M, sum R) x (sum R, in) GEMM, each corrected at the
+        dropped entries (`lora_drop_backward`)."""
+        native: NativeKernels = ctx.native
+        projs: list[_Projection] = ctx.projs
+        x2, xa_all, a_all, *ab = ctx.saved_tensors
+        want_x = ctx.needs_input_grad[0]
+        gx: Tensor | None = None  # (M, in)
+        gxa_parts: list[Tensor] = []  # (M, r) each
+        grad_b: list[Tensor] = []
+        col, pairs = 0, iter(zip(ab[0::2], ab[1::2]))
+        for pr, g in zip(projs, grads):
+            out_dim = pr.w.shape[0]
+            g = torch.zeros(x2.shape[0], out_dim, dtype=x2.dtype) if g is None else g.reshape(-1, out_dim)  # (M, out)
+            if pr.lora:
+                a, b = next(pairs)  # (r, in), (out, r)
+                xa = xa_all[:, col : col + a.shape[0]]  # (M, r)
+                col += a.shape[0]
+                gxa_parts.append(torch.mm(g, b).mul_(pr.scale))  # (M, r)
+                grad_b.append(torch.mm(xa.t(), g).t().mul_(pr.scale))  # (out, r)
+            if want_x:
+                gx = torch.mm(g, pr.w) if gx is None else gx.addmm_(g, pr.w)  # (M, in)
+        gxa_all = torch.cat(gxa_parts, dim=1) if len(gxa_parts) > 1 else gxa_parts[0]  # (M, sum R)
+        grad_a_all = torch.mm(gxa_all.t(), x2)  # (sum R, in)
+        if want_x:
+            gx.addmm_(gxa_all, a_all)  # type: ignore[union-attr]
+        grad_ab: list[Tensor | None] = []
+        col, lora_projs = 0, [pr for pr in projs if pr.lora]
+        for pr, gxa, gb, a in zip(lora_projs, gxa_parts, grad_b, ab[0::2]):
+            ga = grad_a_all[col : col + a.shape[0]]  # (r, in)
+            col += a.shape[0]
+            if pr.drops is not None:
+                ga.sub_(native.lora_drop_backward(x2, pr.drops, gxa, a.t().contiguous(), gx if want_x else None).t())
+            grad_ab += [ga, gb]
         grad_x = gx.view(ctx.x_shape) if gx is not None else None
         grad_res = grads[0] if ctx.needs_input_grad[1] else None
         return (grad_x, grad_res, None, *grad_ab)

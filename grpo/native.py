@@ -17,6 +17,9 @@ Kernels (float32 CPU tensors; see the C source for each):
 - `decode_attention`: a decode step's rotary embedding, cache write and attention.
 - `swiglu` / `swiglu_backward`: silu(gate) * up and its gradients, one pass each.
 - `rms_norm` / `rms_norm_backward`: RMSNorm and its input gradient, one pass each.
+- `rotary`: the rotary embedding (or its transpose, the backward) in one pass.
+- `lora_drop_xa` / `lora_drop_backward`: LoRA dropout as corrections of the undropped products,
+  at the dropped entries only.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ class NativeKernels:
         self._swiglu_backward = self._typed(lib.grpo_swiglu_backward, [ptr] * 5 + [i64, i32, i32])
         self._rms_norm = self._typed(lib.grpo_rms_norm, [ptr] * 4 + [i64, i32, f32, i32])
         self._rms_norm_backward = self._typed(lib.grpo_rms_norm_backward, [ptr] * 5 + [i64, i32, i32])
+        self._rotary = self._typed(lib.grpo_rotary, [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, i32, i32, i32, i32])
+        self._drop_xa = self._typed(lib.grpo_lora_drop_xa, [ptr, i64, ptr, i64, ptr, i32, ptr, i64, i32])
+        self._drop_backward = self._typed(
+            lib.grpo_lora_drop_backward, [ptr, ptr, i64, ptr, i64, ptr, i64, ptr, i32, ptr, i32]
+        )
 
     @staticmethod
     def _typed(f: Any, argtypes: list[Any]) -> Any:
@@ -88,6 +96,51 @@ class NativeKernels:
             gate.numel() // width, width, torch.get_num_threads(),
         )  # fmt: skip
         return dgate, dup
+
+    def rotary(self, x: Tensor, cos: Tensor, signed_sin: Tensor, *, transpose: bool = False) -> Tensor:
+        """x cos + rotate_half(x) sin for x (n, H, L, D) (any strides, D contiguous) and cos,
+        signed_sin (n, 1, L, D) contiguous -> a new (n, H, L, D) tensor laid out as (n, L, H, D)."""
+        n, heads, length, d = x.shape
+        if cos.shape != (n, 1, length, d) or signed_sin.shape != cos.shape or not cos.is_contiguous():
+            raise ValueError("rotary: cos and signed_sin must be contiguous (n, 1, L, D)")
+        if not signed_sin.is_contiguous() or x.stride(3) != 1 or d % 2:
+            raise ValueError("rotary: x needs a contiguous last dim of even size")
+        out = torch.empty(n, length, heads, d, dtype=x.dtype)
+        self._rotary(
+            x.data_ptr(), x.stride(0), x.stride(2), x.stride(1), cos.data_ptr(), signed_sin.data_ptr(),
+            out.data_ptr(), n, length, heads, d, int(transpose), torch.get_num_threads(),
+        )  # fmt: skip
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def _check_drops(x: Tensor, drops: Tensor, xa: Tensor, a_t: Tensor) -> None:
+        if not (x.is_contiguous() and drops.dtype == torch.int64 and drops.is_contiguous() and a_t.is_contiguous()):
+            raise ValueError("lora dropout corrections: x, drops (int64) and a_t must be contiguous")
+        if xa.dim() != 2 or xa.stride(1) != 1 or xa.shape[0] != x.shape[0] or a_t.shape != (x.shape[1], xa.shape[1]):
+            raise ValueError("lora dropout corrections: shapes do not agree")
+
+    def lora_drop_xa(self, x: Tensor, drops: Tensor, a_t: Tensor, xa: Tensor) -> None:
+        """xa (M, R) = x A^T becomes dropout(x) A^T (without the 1 / (1 - p)), in place: x (M, in)
+        contiguous, drops (k,) ascending flat positions of x's dropped entries, a_t = A^T (in, R)."""
+        self._check_drops(x, drops, xa, a_t)
+        self._drop_xa(
+            x.data_ptr(), x.shape[1], drops.data_ptr(), drops.numel(), a_t.data_ptr(), a_t.shape[1],
+            xa.data_ptr(), xa.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+
+    def lora_drop_backward(self, x: Tensor, drops: Tensor, gxa: Tensor, a_t: Tensor, gx: Tensor | None) -> Tensor:
+        """The dropped entries' part of x^T gxa, (in, R), to subtract from it for dropout(x)^T gxa;
+        and, when gx (M, in) is given, which holds gxa A among its terms, that term removed at the
+        dropped entries (in place)."""
+        corr = torch.zeros(x.shape[1], gxa.shape[1], dtype=x.dtype)
+        self._check_drops(x, drops, gxa, a_t)
+        if gx is not None and (gx.shape != x.shape or not gx.is_contiguous()):
+            raise ValueError("lora dropout corrections: gx must be contiguous, shaped as x")
+        self._drop_backward(
+            x.data_ptr(), gx.data_ptr() if gx is not None else None, x.shape[1], drops.data_ptr(), drops.numel(),
+            gxa.data_ptr(), gxa.stride(0), a_t.data_ptr(), a_t.shape[1], corr.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return corr
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, with_rstd: bool = False) -> tuple[Tensor, Tensor | None]:
         """(x r w, r (..., 1) or None), r = 1 / sqrt(mean(x^2) + eps) over the last dim."""

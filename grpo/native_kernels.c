@@ -6,6 +6,7 @@
  * S cache slots.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,50 +32,73 @@ static inline __attribute__((always_inline)) void rotate(const float *x, const f
     for (int e = half; e < d; e++) out[e] = (x[e] * cos_[e] + x[e - half] * ssin[e]) * scale;
 }
 
+/* e^x for finite x to about 2 ulp, in operations that vectorise (Cephes' expf): x = n ln2 + f
+ * with n = round(x / ln2), e^f by a degree-6 polynomial, 2^n through the exponent bits.
+ * Saturates below -87.3 and above 88.3. */
+static inline __attribute__((always_inline)) float exp_vec(float x)
+{
+    x = x > -87.3f ? x : -87.3f; /* max, min: one instruction each */
+    x = x < 88.3f ? x : 88.3f;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2): 1.5 * 2^23 trick */
+    const float f = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * f + 1.3981999507e-3f;
+    y = y * f + 8.3334519073e-3f;
+    y = y * f + 4.1665795894e-2f;
+    y = y * f + 1.6666665459e-1f;
+    y = y * f + 5.0000001201e-1f;
+    y = y * f * f + f + 1.0f;
+    const int bits = ((int)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return y * two_n;
+}
+
 /* One row's key/value head h: rotate and store its new key and value in slot `slot`, then its
- * rep = Hq / Hkv queries attend to slots 0..slot. q (rep, D), acc (rep, D), scores (rep, slot + 1)
- * and inv (rep,) are the thread's scratch. Inlined with D a constant for the common head sizes,
- * so the D-long loops unroll and vectorise. */
+ * rep = Hq / Hkv queries attend to slots 0..slot. q (rep, D), acc (D), scores (rep, slot + 1)
+ * are the thread's scratch. Inlined with D a constant for the common head sizes, so the D-long
+ * loops unroll, vectorise and keep one query's sums in registers. Masked slots (-inf) get
+ * weight exactly 0. */
 static inline __attribute__((always_inline)) void attend_block(
     const float *x, const float *c, const float *s, float *keys, float *values, const float *m, float *o,
-    float *q, float *acc, float *scores, float *inv, const int hq, const int hkv, const int h, const int d,
-    const int slot, const float scale)
+    float *q, float *acc, float *scores, const int hq, const int hkv, const int h, const int d, const int slot,
+    const float scale)
 {
     const int rep = hq / hkv, len = slot + 1;
     rotate(x + (size_t)(hq + h) * d, c, s, 1.0f, keys + (size_t)slot * d, d);
     memcpy(values + (size_t)slot * d, x + (size_t)(hq + hkv + h) * d, sizeof(float) * d);
     for (int r = 0; r < rep; r++) rotate(x + (size_t)(h * rep + r) * d, c, s, scale, q + (size_t)r * d, d);
 
-    for (int l = 0; l < len; l++) { /* scores = q k^T + mask */
-        const float *k = keys + (size_t)l * d;
-        for (int r = 0; r < rep; r++) {
-            const float *qr = q + (size_t)r * d;
+    for (int r = 0; r < rep; r++) {
+        const float *qr = q + (size_t)r * d;
+        float *sr = scores + (size_t)r * len;
+        for (int l = 0; l < len; l++) { /* scores = q k^T + mask */
+            const float *k = keys + (size_t)l * d;
             float part[16] = {0}, dot = 0.0f; /* 16 partial sums: the loop vectorises */
             for (int e0 = 0; e0 + 16 <= d; e0 += 16)
                 for (int j = 0; j < 16; j++) part[j] += qr[e0 + j] * k[e0 + j];
             for (int e = d - d % 16; e < d; e++) dot += qr[e] * k[e];
-            for (int j = 0; j < 16; j++) dot += part[j];
-            scores[(size_t)r * len + l] = dot + m[l];
+            for (int j = 0; j < 8; j++) part[j] += part[j + 8];
+            for (int j = 0; j < 4; j++) part[j] += part[j + 4];
+            sr[l] = dot + (part[0] + part[2]) + (part[1] + part[3]) + m[l];
         }
-    }
-    for (int r = 0; r < rep; r++) { /* softmax numerators and 1 / denominators */
-        float *sr = scores + (size_t)r * len, top = -INFINITY, sum = 0.0f;
+        float top = -INFINITY, sum = 0.0f; /* softmax numerators and denominator */
+#pragma omp simd reduction(max : top)
         for (int l = 0; l < len; l++) top = sr[l] > top ? sr[l] : top;
-        for (int l = 0; l < len; l++) sr[l] = expf(sr[l] - top);
-        for (int l = 0; l < len; l++) sum += sr[l];
-        inv[r] = 1.0f / sum;
-    }
-    memset(acc, 0, sizeof(float) * (size_t)rep * d);
-    for (int l = 0; l < len; l++) { /* acc = p v */
-        const float *v = values + (size_t)l * d;
-        for (int r = 0; r < rep; r++) {
-            const float p = scores[(size_t)r * len + l];
-            float *ar = acc + (size_t)r * d;
-            for (int e = 0; e < d; e++) ar[e] += p * v[e];
+#pragma omp simd reduction(+ : sum)
+        for (int l = 0; l < len; l++) {
+            sr[l] = sr[l] == -INFINITY ? 0.0f : exp_vec(sr[l] - top);
+            sum += sr[l];
         }
+        for (int e = 0; e < d; e++) acc[e] = 0.0f;
+        for (int l = 0; l < len; l++) { /* acc = p v */
+            const float p = sr[l], *v = values + (size_t)l * d;
+            for (int e = 0; e < d; e++) acc[e] += p * v[e];
+        }
+        float *out = o + (size_t)r * d;
+        const float inv = 1.0f / sum;
+        for (int e = 0; e < d; e++) out[e] = acc[e] * inv;
     }
-    for (int r = 0; r < rep; r++)
-        for (int e = 0; e < d; e++) o[(size_t)r * d + e] = acc[(size_t)r * d + e] * inv[r];
 }
 
 /* One decode step of attention for every row, as grpo.fastpath.FastQwen2.generate does it with
@@ -97,9 +121,8 @@ void grpo_decode_attention(const float *qkv, const float *cos_, const float *ssi
     {
         FLUSH_DENORMALS_BEGIN
         float *q = malloc(sizeof(float) * (size_t)rep * d);
-        float *acc = malloc(sizeof(float) * (size_t)rep * d);
+        float *acc = malloc(sizeof(float) * (size_t)d);
         float *scores = malloc(sizeof(float) * (size_t)rep * len);
-        float *inv = malloc(sizeof(float) * (size_t)rep);
 #pragma omp for schedule(static)
         for (int b = 0; b < n * hkv; b++) {
             const int i = b / hkv, h = b % hkv;
@@ -115,40 +138,17 @@ void grpo_decode_attention(const float *qkv, const float *cos_, const float *ssi
             const float *m = mask + (size_t)i * span;
             float *o = out + (size_t)i * hq * d + (size_t)h * rep * d;
             if (d == 64)
-                attend_block(x, c, s, keys, values, m, o, q, acc, scores, inv, hq, hkv, h, 64, slot, scale);
+                attend_block(x, c, s, keys, values, m, o, q, acc, scores, hq, hkv, h, 64, slot, scale);
             else if (d == 128)
-                attend_block(x, c, s, keys, values, m, o, q, acc, scores, inv, hq, hkv, h, 128, slot, scale);
+                attend_block(x, c, s, keys, values, m, o, q, acc, scores, hq, hkv, h, 128, slot, scale);
             else
-                attend_block(x, c, s, keys, values, m, o, q, acc, scores, inv, hq, hkv, h, d, slot, scale);
+                attend_block(x, c, s, keys, values, m, o, q, acc, scores, hq, hkv, h, d, slot, scale);
         }
         free(q);
         free(acc);
         free(scores);
-        free(inv);
         FLUSH_DENORMALS_END
     }
-}
-
-/* e^x for finite x to about 2 ulp, in operations that vectorise (Cephes' expf): x = n ln2 + f
- * with n = round(x / ln2), e^f by a degree-6 polynomial, 2^n through the exponent bits.
- * Saturates below -87.3 and above 88.3. */
-static inline __attribute__((always_inline)) float exp_vec(float x)
-{
-    x = x > -87.3f ? x : -87.3f; /* max, min: one instruction each */
-    x = x < 88.3f ? x : 88.3f;
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2): 1.5 * 2^23 trick */
-    const float f = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * f + 1.3981999507e-3f;
-    y = y * f + 8.3334519073e-3f;
-    y = y * f + 4.1665795894e-2f;
-    y = y * f + 1.6666665459e-1f;
-    y = y * f + 5.0000001201e-1f;
-    y = y * f * f + f + 1.0f;
-    const int bits = ((int)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return y * two_n;
 }
 
 /* SwiGLU, silu(gate) * up, over `rows` rows of `width`: gate and up rows `stride` apart (they may
@@ -219,4 +219,142 @@ void grpo_rms_norm_backward(const float *g, const float *x, const float *w, cons
 #pragma omp simd
         for (int e = 0; e < h; e++) di[e] = (gi[e] * w[e] + xi[e] * coef) * r;
     }
+}
+
+/* LoRA dropout as corrections of the undropped products. x (rows, in) is the input; pos (k,) the
+ * ascending flat positions of the entries that one projection's dropout zeroes; a_t (in, R) its
+ * A^T. With xd = x with those entries zeroed:
+ *   grpo_lora_drop_xa:       xa (rows, R; row stride xa_stride) holds x A^T -> becomes xd A^T
+ *   grpo_lora_drop_backward: corr (in, R, zeroed) += the dropped entries' part of x^T gxa, so that
+ *                            (x^T gxa - corr)^T = gxa^T xd, the gradient of A; and gx (rows, in;
+ *                            NULL: skipped), which holds gxa A among its terms, loses that term at
+ *                            the dropped entries, as the gradient through xd has none there.
+ * gxa (rows, R; row stride gxa_stride) is the gradient at xa. Each visits only the dropped
+ * entries (about p of them), where zeroing copies of x costs full passes. */
+/* The three loops, inlined with r a constant for the usual LoRA ranks (the r-long loops become a
+ * few vector instructions); positions ascend, so they go row by row. Ranks above 64 are not
+ * taken by `grpo.native` (drop_xa's accumulator). */
+static inline __attribute__((always_inline)) void drop_xa(const float *restrict x, long in,
+                                                          const long *restrict pos, long k,
+                                                          const float *restrict a_t, const int r,
+                                                          float *restrict xa, long xa_stride)
+{
+    long j = 0;
+    while (j < k) { /* one row at a time: its dropped entries' sum in registers, then one update */
+        const long row = pos[j] / in, row_end = (row + 1) * in;
+        float acc[64] = {0};
+        for (; j < k && pos[j] < row_end; j++) {
+            const float v = x[pos[j]], *ac = a_t + (pos[j] - row * in) * r;
+            for (int t = 0; t < r; t++) acc[t] += v * ac[t];
+        }
+        float *out = xa + row * xa_stride;
+        for (int t = 0; t < r; t++) out[t] -= acc[t];
+    }
+}
+
+static inline __attribute__((always_inline)) void drop_backward(const float *restrict x, float *restrict gx,
+                                                                long in, const long *restrict pos, long k,
+                                                                const float *restrict gxa, long gxa_stride,
+                                                                const float *restrict a_t, const int r,
+                                                                float *restrict corr)
+{
+    long j = 0;
+    while (j < k) {
+        const long row = pos[j] / in, row_end = (row + 1) * in;
+        const float *g = gxa + row * gxa_stride;
+        for (; j < k && pos[j] < row_end; j++) {
+            const long col = pos[j] - row * in;
+            const float v = x[pos[j]], *ac = a_t + col * r;
+            float *out = corr + col * r, dot = 0.0f;
+            for (int t = 0; t < r; t++) {
+                out[t] += v * g[t];
+                dot += g[t] * ac[t];
+            }
+            if (gx) gx[pos[j]] -= dot;
+        }
+    }
+}
+
+#define BY_RANK(CALL)        \
+    switch (r) {             \
+    case 8: CALL(8); break;   \
+    case 16: CALL(16); break; \
+    case 32: CALL(32); break; \
+    case 64: CALL(64); break; \
+    default: CALL(r);        \
+    }
+
+/* The positions [lo, hi) of `threads` equal parts, each part starting at a row boundary (so the
+ * parts write disjoint rows). */
+static void split_rows(const long *pos, long k, long in, int part, int parts, long *lo, long *hi)
+{
+    long bounds[2];
+    for (int e = 0; e < 2; e++) {
+        long j = k * (part + e) / parts;
+        if (j > 0 && j < k) {
+            const long row = pos[j] / in; /* move back to the first position of that row */
+            while (j > 0 && pos[j - 1] / in == row) j--;
+        }
+        bounds[e] = j;
+    }
+    *lo = bounds[0];
+    *hi = bounds[1];
+}
+
+void grpo_lora_drop_xa(const float *x, long in, const long *pos, long k, const float *a_t, int r, float *xa,
+                       long xa_stride, int threads)
+{
+#pragma omp parallel num_threads(threads) if (k >= 4096)
+    {
+        long lo, hi;
+        split_rows(pos, k, in, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+#define CALL(R) drop_xa(x, in, pos + lo, hi - lo, a_t, R, xa, xa_stride)
+        BY_RANK(CALL)
+#undef CALL
+    }
+}
+
+void grpo_lora_drop_backward(const float *x, float *gx, long in, const long *pos, long k, const float *gxa,
+                             long gxa_stride, const float *a_t, int r, float *corr, int threads)
+{
+    /* each thread sums its part of corr into its own (in, r) buffer; they are added at the end */
+    const int parts = k >= 4096 ? threads : 1;
+    float *scratch = calloc((size_t)(parts - 1) * in * r + 1, sizeof(float));
+#pragma omp parallel num_threads(parts)
+    {
+        const int me = omp_get_thread_num(), all = omp_get_num_threads();
+        long lo, hi;
+        split_rows(pos, k, in, me, all, &lo, &hi);
+        float *mine = me == 0 ? corr : scratch + (size_t)(me - 1) * in * r;
+#define CALL(R) drop_backward(x, gx, in, pos + lo, hi - lo, gxa, gxa_stride, a_t, R, mine)
+        BY_RANK(CALL)
+#undef CALL
+    }
+    for (int e = 1; e < parts; e++)
+        for (long t = 0; t < in * r; t++) corr[t] += scratch[(size_t)(e - 1) * in * r + t];
+    free(scratch);
+}
+
+/* The rotary embedding of a (n, L, H, D) batch of heads: out = x cos + rotate_half(x) sin with
+ * rotate_half's sign folded into ssin, cos and ssin (n, L, D) shared by the H heads of a
+ * position; `transpose` applies the transposed rotation (the backward: the halves of ssin swap).
+ * x is read through its strides (elements; D contiguous), out is written contiguous. */
+void grpo_rotary(const float *x, long sx_n, long sx_l, long sx_h, const float *cos_, const float *ssin, float *out,
+                 long n, long len, int heads, int d, int transpose, int threads)
+{
+    const int half = d / 2;
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if (n * len * heads * d >= 32768)
+    for (long b = 0; b < n; b++)
+        for (long l = 0; l < len; l++) {
+            const float *c = cos_ + (b * len + l) * d, *s = ssin + (b * len + l) * d;
+            const float *s_lo = transpose ? s + half : s, *s_hi = transpose ? s : s + half;
+            for (int h = 0; h < heads; h++) {
+                const float *xi = x + b * sx_n + l * sx_l + h * sx_h;
+                float *o = out + ((b * len + l) * heads + h) * d;
+#pragma omp simd
+                for (int e = 0; e < half; e++) o[e] = xi[e] * c[e] + xi[e + half] * s_lo[e];
+#pragma omp simd
+                for (int e = 0; e < half; e++) o[e + half] = xi[e + half] * c[e + half] + xi[e] * s_hi[e];
+            }
+        }
 }

@@ -32,6 +32,7 @@ from grpo.fastpath import (
 )
 from grpo.models import attach_lora, build_tiny_model, load_base_model, load_tokenizer, stop_token_ids
 from grpo.rollout import TransformersGenerator
+import grpo.fastpath as fastpath_module
 
 PROMPTS = [
     "nums: 1 2 3 target: 6\n",
@@ -354,6 +355,54 @@ def test_sparse_lora_dropout_equals_the_keep_mask(policy, dnn: bool, p: float, m
     want = F.linear(x64, w64) + F.linear(F.linear(x64 * keep.double(), a64), b64) * (scale / (1 - p))
     want.backward(g.double())
     for have, ref in zip((got.detach(), *grads), (want.detach(), x64.grad, a64.grad, b64.grad)):
+        err = float((have.double() - ref).abs().max())
+        assert err <= 1e-5 * float(ref.abs().max()), f"max |diff| {err:.3g} vs max |ref| {float(ref.abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_grouped_projections_dropout_equals_the_keep_masks(policy, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v share one input and draw one dropout mask each (in that order). With the native
+    kernels the group runs one x A^T product and corrects it at each projection's dropped entries
+    (forward and backward); without them each projection zeroes its own copy of x. Both: the
+    output and gradients of the three keep masks of the same draws, in float64."""
+    if not native:
+        monkeypatch.setattr(fastpath_module, "kernels", lambda: None)
+    model, _ = policy
+    fast = FastQwen2(model)
+    lay = fast.layers[1]
+    names = ("q_proj", "k_proj", "v_proj")
+    mods = [lay.lora[n] for n in names]
+    ab = [(m.lora_A[fast.adapter].weight, m.lora_B[fast.adapter].weight) for m in mods]  # (r, in), (out, r)
+    p = 0.1
+    for m in mods:
+        monkeypatch.setattr(m.lora_dropout[fast.adapter], "p", p)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, ab[0][0].shape[1], generator=gen, requires_grad=True)
+    gs = [torch.randn(3, 40, b.shape[0], generator=gen) for _, b in ab]
+    model.train()
+    try:
+        torch.manual_seed(7)
+        outs = fast._project(x, lay, names, True)
+    finally:
+        model.eval()
+    torch.autograd.backward(outs, gs)
+    params = [x] + [t for pair in ab for t in pair]
+    grads = [t.grad.clone() for t in params]
+    for t in params:
+        t.grad = None
+    torch.manual_seed(7)
+    keeps = [dropout_keep(tuple(x.shape), p, x.dtype, x.device).double() for _ in names]
+    x64 = x.detach().double().requires_grad_()
+    ab64 = [(a.detach().double().requires_grad_(), b.detach().double().requires_grad_()) for a, b in ab]
+    wants = []
+    for name, m, keep, (a64, b64) in zip(names, mods, keeps, ab64):
+        scale = m.scaling[fast.adapter] / (1 - p)
+        base = F.linear(x64, lay.w[name].double(), lay.b[name].double() if name in lay.b else None)
+        wants.append(base + F.linear(F.linear(x64 * keep, a64), b64) * scale)
+    torch.autograd.backward(wants, [g.double() for g in gs])
+    got_all = [o.detach() for o in outs] + grads
+    want_all = [w.detach() for w in wants] + [x64.grad] + [t.grad for pair in ab64 for t in pair]
+    for have, ref in zip(got_all, want_all):
         err = float((have.double() - ref).abs().max())
         assert err <= 1e-5 * float(ref.abs().max()), f"max |diff| {err:.3g} vs max |ref| {float(ref.abs().max()):.3g}"
 

@@ -149,3 +149,20 @@ def test_env_switch_turns_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monkeypatch.delenv("GRPO_NATIVE")
         kernels.cache_clear()
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_rotary_matches_torch(native: NativeKernels, threads: int, transpose: bool) -> None:
+    g = torch.Generator().manual_seed(2)
+    n, heads, length, d = 3, 5, 11, 16
+    cos, sin = torch.rand(n, 1, length, d, generator=g), torch.rand(n, 1, length, d, generator=g) - 0.5
+    half = d // 2
+    first, second = (sin[..., half:], sin[..., :half]) if transpose else (sin[..., :half], sin[..., half:])
+    for x in (
+        torch.randn(n, length, heads, d, generator=g).transpose(1, 2),  # heads of a (n, L, H D) projection
+        torch.randn(n, heads, length, d, generator=g),  # contiguous, as a gradient may come
+    ):
+        want = x * cos + torch.cat([x[..., half:] * first, x[..., :half] * second], dim=-1)
+        got = native.rotary(x, cos, sin, transpose=transpose)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert got.transpose(1, 2).is_contiguous()
