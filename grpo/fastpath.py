@@ -299,6 +299,15 @@ class _Projection:
     drops: Tensor | None = None  # (k,) flat positions of x's dropped entries (CPU)
     keep: Tensor | None = None  # (..., in) 0/1 keep mask (elsewhere)
 
+    def base(self, x2: Tensor, residual: Tensor | None) -> Tensor:
+        """x2 W^T + b (+ residual): x2 (M, in) -> (M, out), a new tensor."""
+        add = residual.reshape(-1, self.w.shape[0]) if residual is not None else None  # (M, out)
+        if self.w_fwd is not self.w:  # oneDNN-packed
+            return _dnn(x2, self.w_fwd, self.bias, add)
+        if add is not None:
+            return torch.addmm(add if self.bias is None else add + self.bias, x2, self.w.t())
+        return F.linear(x2, self.w, self.bias)
+
     def dropped(self, x: Tensor) -> Tensor:
         """dropout(x) without the 1 / (1 - p): x itself, or a copy with the drops zeroed."""
         if self.drops is not None:
@@ -336,13 +345,7 @@ class _LoraProjections(torch.autograd.Function):
         outs, saved, pairs = [], [], iter(zip(ab[0::2], ab[1::2]))
         for pr in projs:
             out_dim = pr.w.shape[0]
-            add = residual.reshape(-1, out_dim) if residual is not None else None  # (M, out)
-            if pr.w_fwd is not pr.w:  # oneDNN-packed
-                y = _dnn(x2, pr.w_fwd, pr.bias, add)  # (M, out)
-            elif add is not None:
-                y = torch.addmm(add if pr.bias is None else add + pr.bias, x2, pr.w.t())  # (M, out)
-            else:
-                y = F.linear(x2, pr.w, pr.bias)  # (M, out)
+            y = pr.base(x2, residual)  # (M, out)
             if pr.lora:
                 a, b = next(pairs)  # (r, in), (out, r)
                 xd = pr.dropped(x2.to(a.dtype))  # (M, in)
@@ -399,8 +402,14 @@ class _LoraProjections(torch.autograd.Function):
 
     @staticmethod
     def corrects_dropout(native: NativeKernels, x: Tensor, projs: list[_Projection], ab: tuple[Tensor, ...]) -> bool:
-        """True when the native form applies: float32 CPU x and adapters, sparse dropout or none."""
-        return bool(ab) and native.runs_on(x, *ab) and all(pr.keep is None for pr in projs)
+        """True when the native form applies: float32 CPU x and adapters of rank <= 64, sparse
+        dropout or none."""
+        return (
+            bool(ab)
+            and native.runs_on(x, *ab)
+            and all(pr.keep is None for pr in projs)
+            and all(a.shape[0] <= native.MAX_LORA_RANK for a in ab[0::2])
+        )
 
     @staticmethod
     def forward_corrected(
@@ -415,13 +424,7 @@ class _LoraProjections(torch.autograd.Function):
         outs, col, pairs = [], 0, iter(zip(ab[0::2], ab[1::2]))
         for pr in projs:
             out_dim = pr.w.shape[0]
-            add = residual.reshape(-1, out_dim) if residual is not None else None  # (M, out)
-            if pr.w_fwd is not pr.w:  # oneDNN-packed
-                y = _dnn(x2, pr.w_fwd, pr.bias, add)  # (M, out)
-            elif add is not None:
-                y = torch.addmm(add if pr.bias is None else add + pr.bias, x2, pr.w.t())  # (M, out)
-            else:
-                y = F.linear(x2, pr.w, pr.bias)  # (M, out)
+            y = pr.base(x2, residual)  # (M, out)
             if pr.lora:
                 a, b = next(pairs)  # (r, in), (out, r)
                 xa = xa_all[:, col : col + a.shape[0]]  # (M, r)

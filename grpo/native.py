@@ -1,9 +1,10 @@
-"""Native CPU kernels for the sampling loop: `native_kernels.c`, compiled on first use.
+"""Native CPU kernels for the fast path: `native_kernels.c`, compiled on first use.
 
-The decode step's attention (rotary embedding of the new query and key, the cache write,
-softmax(q k^T) v over the cache) is a chain of about a dozen small torch operators per layer and
-token; on CPU it costs more in dispatch and trips through memory than in arithmetic. The C
-kernel does it in one pass per row and head, with OpenMP threads.
+Several steps of a GRPO step on CPU are chains of small torch operators that cost more in
+dispatch and trips through memory than in arithmetic: the decode step's attention (rotary
+embedding of the new query and key, the cache write, softmax(q k^T) v over the cache), RMSNorm,
+SwiGLU and the rotary embedding with their backward passes, and the LoRA dropout (a dropped copy
+of x per projection). The C kernels do each in one pass, with OpenMP threads.
 
 The source is compiled with the system C compiler (`$CC`, else `cc`; `-O3 -march=native
 -fopenmp`) into `$GRPO_NATIVE_CACHE` (default `~/.cache/grpo-pipeline/native`), keyed by the
@@ -49,11 +50,8 @@ class NativeKernels:
     """The loaded library with typed wrappers."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        f = lib.grpo_decode_attention
-        f.restype = None
-        f.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
-        self._attention = f
         ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+        self._attention = self._typed(lib.grpo_decode_attention, [ptr] * 7 + [i32] * 6 + [f32, i32])
         self._swiglu = self._typed(lib.grpo_swiglu, [ptr, ptr, i64, ptr, i64, i32, i32])
         self._swiglu_backward = self._typed(lib.grpo_swiglu_backward, [ptr] * 5 + [i64, i32, i32])
         self._rms_norm = self._typed(lib.grpo_rms_norm, [ptr] * 4 + [i64, i32, f32, i32])
@@ -112,12 +110,16 @@ class NativeKernels:
         )  # fmt: skip
         return out.transpose(1, 2)
 
+    MAX_LORA_RANK = 64  # the dropout corrections' per-row accumulator
+
     @staticmethod
     def _check_drops(x: Tensor, drops: Tensor, xa: Tensor, a_t: Tensor) -> None:
         if not (x.is_contiguous() and drops.dtype == torch.int64 and drops.is_contiguous() and a_t.is_contiguous()):
             raise ValueError("lora dropout corrections: x, drops (int64) and a_t must be contiguous")
         if xa.dim() != 2 or xa.stride(1) != 1 or xa.shape[0] != x.shape[0] or a_t.shape != (x.shape[1], xa.shape[1]):
             raise ValueError("lora dropout corrections: shapes do not agree")
+        if xa.shape[1] > NativeKernels.MAX_LORA_RANK:
+            raise ValueError(f"lora dropout corrections: rank {xa.shape[1]} > {NativeKernels.MAX_LORA_RANK}")
 
     def lora_drop_xa(self, x: Tensor, drops: Tensor, a_t: Tensor, xa: Tensor) -> None:
         """xa (M, R) = x A^T becomes dropout(x) A^T (without the 1 / (1 - p)), in place: x (M, in)

@@ -166,3 +166,29 @@ def test_rotary_matches_torch(native: NativeKernels, threads: int, transpose: bo
         got = native.rotary(x, cos, sin, transpose=transpose)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         assert got.transpose(1, 2).is_contiguous()
+
+
+def test_lora_dropout_corrections_match_dropped_copies(native: NativeKernels, threads: int) -> None:
+    """x A^T corrected at the dropped entries equals xd A^T; the backward correction gives
+    gxa^T xd and removes gxa A at the dropped entries; ranks above 64 are refused."""
+    g = torch.Generator().manual_seed(3)
+    m, d_in, r = 300, 48, 16
+    x, a = torch.randn(m, d_in, generator=g), torch.randn(r, d_in, generator=g)
+    drops = fastpath.dropped_positions(m * d_in, 0.1, torch.device("cpu"))
+    xd = x.clone()
+    xd.view(-1)[drops] = 0
+    xa = torch.mm(x, a.t())
+    native.lora_drop_xa(x, drops, a.t().contiguous(), xa)
+    torch.testing.assert_close(xa, xd @ a.t(), rtol=1e-5, atol=1e-5)
+
+    gxa, rest = torch.randn(m, r, generator=g), torch.randn(m, d_in, generator=g)
+    gx = rest + gxa @ a
+    corr = native.lora_drop_backward(x, drops, gxa, a.t().contiguous(), gx)
+    torch.testing.assert_close(gxa.t() @ x - corr.t(), gxa.t() @ xd, rtol=1e-4, atol=1e-4)
+    keep = torch.ones(m * d_in)
+    keep[drops] = 0
+    torch.testing.assert_close(gx, rest + (gxa @ a) * keep.view(m, d_in), rtol=1e-5, atol=1e-5)
+
+    wide = torch.randn(m, 65)
+    with pytest.raises(ValueError, match="rank 65"):
+        native.lora_drop_xa(x, drops, torch.randn(d_in, 65), wide)
