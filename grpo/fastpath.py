@@ -39,8 +39,9 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   into its blocked layout (as inductor does for frozen weights); the other products (sampling,
   the adapter's thin ones, the backward's in-place accumulation) through torch's own GEMM, which
   measured as quick or quicker for them.
-- on CPU in float32, the decode step's rotary embedding + cache write + attention, SwiGLU and
-  RMSNorm (forward and backward) run as the native kernels of `grpo.native` when they build here
+- on CPU in float32, the decode step's rotary embedding + cache write + attention, SwiGLU,
+  RMSNorm and the rotary embedding (forward and backward), and the LoRA dropout (as corrections
+  of one shared x A^T product) run as the native kernels of `grpo.native` when they build here
   (one pass each instead of a chain of small operators); otherwise as torch operators.
 
 `supports(model)` names what is covered; any other model (other architecture, other adapter types,
@@ -998,10 +999,13 @@ class FastQwen2:
         # Additive mask over the cache span: -inf on prompt padding, 0 on real and new tokens.
         row_mask = torch.zeros(n, span, dtype=self.dtype, device=dev)  # (N, P+T)
         row_mask[:, :p].masked_fill_(u_mask.index_select(0, rows) == 0, float("-inf"))
-        add_mask = row_mask.repeat_interleave(hkv, dim=0)[:, None, :]  # (N Hkv, 1, P+T)
-        # the compiled attention step (rotary, cache write, attention in one kernel), where it runs
+        # the native attention step (rotary, cache write, attention in one kernel) where it runs,
+        # else torch's operators over the mask repeated for the key/value heads
         native = kernels() if dev.type == "cpu" and self.dtype == torch.float32 else None
-        att_out = torch.empty(n, hq * d, dtype=self.dtype, device=dev)  # (N, Hq D) its output
+        if native is not None:
+            att_out = torch.empty(n, hq * d, dtype=self.dtype, device=dev)  # (N, Hq D) its output
+        else:
+            add_mask = row_mask.repeat_interleave(hkv, dim=0)[:, None, :]  # (N Hkv, 1, P+T)
 
         # Rotary tables of every decode step: positions next_pos + t.
         u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
@@ -1022,14 +1026,7 @@ class FastQwen2:
         lengths = torch.full((n,), t_max, dtype=torch.long, device=dev)  # (N,)
         pad_tok = torch.full((n,), pad_id, dtype=torch.long, device=dev)  # (N,)
         qk_dim = (hq + hkv) * d
-        embed, norm, eps = self.embed, self.norm, self.eps
-        if self.dtype == torch.float32 and dev.type == "cpu":
-
-            def rms(x: Tensor, w: Tensor) -> Tensor:  # (N, H) -> (N, H)
-                return _rms_norm(x, w, eps)[0]
-
-        else:
-            rms = self._rms
+        embed, norm, rms = self.embed, self.norm, self._rms
         for t in range(t_max):
             if t < min_new_tokens and stop.numel():
                 logits = logits + no_stop  # (N, V)
