@@ -6,7 +6,7 @@ embedding of the new query and key, the cache write, softmax(q k^T) v over the c
 SwiGLU and the rotary embedding with their backward passes, and the LoRA dropout (a dropped copy
 of x per projection). The C kernels do each in one pass, with OpenMP threads.
 
-The source is compiled with the system C compiler (`$CC`, else `cc`; `-O3 -march=native
+The source is compiled with the system C compiler (`$CC`, else `cc` or `gcc`; `-O3 -march=native
 -fopenmp`) into `$GRPO_NATIVE_CACHE` (default `~/.cache/grpo-pipeline/native`), keyed by the
 source, the compiler and the CPU, once per machine (well under a second), then loaded with
 ctypes. It links the OpenMP runtime by its soname, so it shares the one torch has loaded. Where
@@ -226,9 +226,10 @@ def _cpu_signature() -> str:
 def build(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
     """Compile the kernels (once: an existing build for this source, compiler and CPU is reused)
     and return the shared library's path. Raises RuntimeError, naming the command, on failure."""
-    cc = shutil.which(compiler or os.environ.get("CC") or "cc")
+    names = [compiler] if compiler else [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]
+    cc = next((found for found in map(shutil.which, names) if found), None)
     if cc is None:
-        raise RuntimeError(f"no C compiler found ({compiler or os.environ.get('CC') or 'cc'}); install gcc")
+        raise RuntimeError(f"no C compiler found ({' or '.join(names)}); install gcc or set CC")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(
         "\n".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_signature()]).encode()
