@@ -1,6 +1,8 @@
-/* CPU kernels for the sampling loop of grpo.fastpath, built by grpo.native (C99 + OpenMP,
- * float32, row-major contiguous arrays). They do what a chain of small torch operators does, in
- * one pass over the data: fewer trips through memory and no per-operator dispatch.
+/* CPU kernels for grpo.fastpath, built and wrapped by grpo.native (C99 + OpenMP, float32,
+ * row-major arrays): the decode step's attention, SwiGLU, RMSNorm, the rotary embedding and the
+ * LoRA dropout corrections. Each does what a chain of small torch operators does, in one pass
+ * over the data: fewer trips through memory and no per-operator dispatch. Every one is tested
+ * against those operators (tests/test_native.py).
  *
  * Legend: N rows, Hq query heads, Hkv key/value heads (Hq a multiple of Hkv), D head dim,
  * S cache slots.
