@@ -183,8 +183,18 @@ class NativeKernels:
         (N, Hkv, S, D) (slot `slot` is written), mask (N, S) additive -> out (N, Hq D)."""
         n, hkv, span, d = k_cache.shape
         hq = out.shape[1] // d
-        if qkv.shape != (n, (hq + 2 * hkv) * d) or mask.shape != (n, span) or not 0 <= slot < span:
+        tensors = (qkv, cos, signed_sin, k_cache, v_cache, mask, out)
+        if (
+            qkv.shape != (n, (hq + 2 * hkv) * d)
+            or mask.shape != (n, span)
+            or v_cache.shape != k_cache.shape
+            or cos.numel() != n * d
+            or signed_sin.numel() != n * d
+            or not 0 <= slot < span
+        ):
             raise ValueError("decode_attention: shapes do not agree")
+        if not (self.runs_on(*tensors) and all(t.is_contiguous() for t in tensors)):
+            raise ValueError("decode_attention: needs contiguous float32 CPU tensors")
         self._attention(
             qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
             mask.data_ptr(), out.data_ptr(), n, hq, hkv, d, span, slot, scale, torch.get_num_threads(),
@@ -196,10 +206,8 @@ def _rows_uniform(t: Tensor) -> bool:
     """True when t (..., W) is rows of W contiguous values, one row stride apart."""
     if t.dim() <= 2:
         return True
-    flat = t.shape[:-1]
-    stride = t.stride(-2)
-    expected = stride
-    for size, st in zip(reversed(flat), reversed(t.stride()[:-1])):
+    expected = t.stride(-2)
+    for size, st in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
         if size != 1 and st != expected:
             return False
         expected *= size

@@ -61,6 +61,11 @@ def test_decode_attention_matches_torch(native: NativeKernels, threads: int, hq:
         assert torch.equal(vc, v_ref)
     with pytest.raises(ValueError, match="shapes"):
         native.decode_attention(qkv[:, :-1], cos, sin, kc, vc, mask, torch.empty(n, hq * d), 3, 1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        native.decode_attention(qkv, cos[:-1], sin, kc, vc, mask, torch.empty(n, hq * d), 3, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        native.decode_attention(qkv, cos, sin, kc.transpose(2, 3).contiguous().transpose(2, 3), vc, mask,
+                                torch.empty(n, hq * d), 3, 1.0)  # fmt: skip
 
 
 def test_swiglu_matches_torch(native: NativeKernels, threads: int) -> None:
