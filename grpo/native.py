@@ -29,6 +29,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -61,6 +62,12 @@ class NativeKernels:
         self._drop_backward = self._typed(
             lib.grpo_lora_drop_backward, [ptr, ptr, i64, ptr, i64, ptr, i64, ptr, i32, ptr, i32]
         )
+        self._attn = self._typed(lib.grpo_attention, [ptr, i64, i64, i64] * 3 + [ptr] * 3 + [i32] * 6 + [f32, i32])
+        self._attn_backward = self._typed(
+            lib.grpo_attention_backward, [ptr, i64, i64, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 3 + [i32] * 6 + [f32, i32]
+        )
+        self._dropped_positions = self._typed(lib.grpo_dropped_positions, [ctypes.c_uint64, i64, f32, ptr, i64])
+        self._dropped_positions.restype = i64
 
     @staticmethod
     def _typed(f: Any, argtypes: list[Any]) -> Any:
@@ -143,6 +150,62 @@ class NativeKernels:
             gxa.data_ptr(), gxa.stride(0), a_t.data_ptr(), a_t.shape[1], corr.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return corr
+
+    @staticmethod
+    def _heads_args(t: Tensor) -> tuple[int, ...]:
+        """data pointer and the (row, head, position) strides of a (n, heads, L, D) tensor."""
+        return t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, keep_probs: bool) -> tuple[Tensor, Tensor | None]:
+        """softmax(q k^T / sqrt(D) + mask) v for q (n, Hq, L, D), k, v (n, Hkv, S, D) (any strides,
+        D contiguous, D a multiple of 16), mask (n, 1, L, S) additive -> (out (n, Hq, L, D), a view
+        of an (n, L, Hq, D) tensor; the softmax (n, Hkv, Hq / Hkv * L, S) when `keep_probs`)."""
+        n, hq, length, d = q.shape
+        hkv, span = k.shape[1], k.shape[2]
+        if k.shape != (n, hkv, span, d) or v.shape != k.shape or hq % hkv or d % 16:
+            raise ValueError("attention: q (n, Hq, L, D), k and v (n, Hkv, S, D) with Hkv | Hq and 16 | D")
+        if mask.shape != (n, 1, length, span) or not mask.is_contiguous() or not self.runs_on(q, k, v, mask):
+            raise ValueError("attention: a contiguous (n, 1, L, S) mask; float32 CPU tensors, D contiguous")
+        out = torch.empty(n, length, hq, d, dtype=q.dtype)
+        probs = torch.empty(n, hkv, hq // hkv * length, span, dtype=q.dtype) if keep_probs else None
+        self._attn(
+            *self._heads_args(q), *self._heads_args(k), *self._heads_args(v), mask.data_ptr(), out.data_ptr(),
+            probs.data_ptr() if probs is not None else None, n, hq, hkv, length, span, d, d**-0.5,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out.transpose(1, 2), probs
+
+    def attention_backward(
+        self, grad: Tensor, probs: Tensor, q: Tensor, k: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(dq, dk, dv) of `attention` from its output's gradient grad (n, Hq, L, D) and the kept
+        softmax; dq is a view of an (n, L, Hq, D) tensor, dk and dv are contiguous."""
+        n, hq, length, d = q.shape
+        hkv, span = k.shape[1], k.shape[2]
+        if grad.shape != q.shape or probs.shape != (n, hkv, hq // hkv * length, span) or not probs.is_contiguous():
+            raise ValueError("attention_backward: grad shaped as q, probs as `attention` keeps them")
+        if not self.runs_on(grad, q, k, v):
+            raise ValueError("attention_backward: float32 CPU tensors, D contiguous")
+        dq = torch.empty(n, length, hq, d, dtype=q.dtype)
+        dk, dv = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
+        self._attn_backward(
+            *self._heads_args(grad), probs.data_ptr(), *self._heads_args(q), *self._heads_args(k), *self._heads_args(v),
+            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), n, hq, hkv, length, span, d, d**-0.5, torch.get_num_threads(),
+        )  # fmt: skip
+        return dq.transpose(1, 2), dk, dv
+
+    def dropped_positions(self, n: int, p: float, seed: int) -> Tensor:
+        """Ascending flat positions (k,) int64 of the entries that dropout with drop probability
+        p (0 < p < 1) zeroes among n: a function of `seed` (any int, taken mod 2^64)."""
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"dropped_positions: p is {p}; it must be in (0, 1)")
+        mean = n * p
+        for cap in (int(mean + 6 * math.sqrt(mean) + 16), n):
+            out = torch.empty(cap, dtype=torch.int64)
+            k = self._dropped_positions(seed % 2**64, n, 1.0 / math.log1p(-p), out.data_ptr(), cap)
+            if k >= 0:
+                return out[:k]
+        raise AssertionError("unreachable: n positions always fit")
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, with_rstd: bool = False) -> tuple[Tensor, Tensor | None]:
         """(x r w, r (..., 1) or None), r = 1 / sqrt(mean(x^2) + eps) over the last dim."""

@@ -1,6 +1,6 @@
 /* CPU kernels for grpo.fastpath, built and wrapped by grpo.native (C99 + OpenMP, float32,
  * row-major arrays): the decode step's attention, SwiGLU, RMSNorm, the rotary embedding and the
- * LoRA dropout corrections. Each does what a chain of small torch operators does, in one pass
+ * LoRA dropout corrections and the positions LoRA dropout drops. Each does what a chain of small torch operators does, in one pass
  * over the data: fewer trips through memory and no per-operator dispatch. Every one is tested
  * against those operators (tests/test_native.py).
  *
@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <omp.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -223,6 +224,269 @@ void grpo_rms_norm_backward(const float *g, const float *x, const float *w, cons
     }
 }
 
+/* -- attention over whole sequences (the log-prob passes), forward and backward ------------------
+ *
+ * Products run as 4-row tiles: four rows of A times a K x (16 NV) panel of B held in 4 NV vector
+ * accumulators (GCC/Clang vector extensions: AVX-512 registers here, split into narrower ones
+ * elsewhere). A rows come as pointers with an element stride, so a tile reads rows or columns
+ * of a matrix in place; C rows as pointers (overwritten, or added to when `add`). */
+typedef float vf __attribute__((vector_size(64)));
+
+static inline vf vload(const float *p)
+{
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+#define DEFINE_TILE(NV)                                                                                     \
+    static inline __attribute__((always_inline)) void tile_##NV(const float *const a[4], long ae,           \
+                                                                const float *b, long ldb, int k,            \
+                                                                float *const c[4], int off, int rows, int add) \
+    {                                                                                                       \
+        vf acc[4][NV];                                                                                      \
+        for (int r = 0; r < 4; r++)                                                                         \
+            for (int j = 0; j < NV; j++) acc[r][j] = (vf){0};                                               \
+        for (int e = 0; e < k; e++) {                                                                       \
+            vf bv[NV];                                                                                      \
+            for (int j = 0; j < NV; j++) bv[j] = vload(b + (long)e * ldb + 16 * j);                         \
+            for (int r = 0; r < 4; r++) {                                                                   \
+                const float s = a[r][(long)e * ae];                                                         \
+                for (int j = 0; j < NV; j++) acc[r][j] += s * bv[j];                                        \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int r = 0; r < rows; r++)                                                                      \
+            for (int j = 0; j < NV; j++) {                                                                  \
+                float *at = c[r] + off + 16 * j;                                                            \
+                vstore(at, add ? acc[r][j] + vload(at) : acc[r][j]);                                        \
+            }                                                                                               \
+    }
+DEFINE_TILE(1)
+DEFINE_TILE(2)
+DEFINE_TILE(3)
+DEFINE_TILE(4)
+
+/* c[r][0 .. cols) (= or +=) sum over e < k of a[r][e * ae] b[e * ldb + 0 .. cols), r < rows <= 4;
+ * cols a multiple of 16. a[r] and c[r] for r >= rows must still be valid pointers (not written). */
+static void tile_rows(const float *const a[4], long ae, const float *b, long ldb, int k, float *const c[4], int rows,
+                      int cols, int add)
+{
+    for (int j = 0; j < cols; j += 64) {
+        switch ((cols - j) >= 64 ? 4 : (cols - j) / 16) {
+        case 4: tile_4(a, ae, b + j, ldb, k, c, j, rows, add); break;
+        case 3: tile_3(a, ae, b + j, ldb, k, c, j, rows, add); break;
+        case 2: tile_2(a, ae, b + j, ldb, k, c, j, rows, add); break;
+        default: tile_1(a, ae, b + j, ldb, k, c, j, rows, add);
+        }
+    }
+}
+
+/* dst (d, ld) = the transpose of src's first `span` rows (row stride ss, d contiguous values
+ * each), zero-padded from column span to ld. */
+static void transpose_rows(const float *restrict src, long ss, int span, int d, float *restrict dst, int ld)
+{
+    for (int e = 0; e < d; e++)
+        for (int s = span; s < ld; s++) dst[(size_t)e * ld + s] = 0.0f;
+    for (int s = 0; s < span; s++) {
+        const float *row = src + s * ss;
+        for (int e = 0; e < d; e++) dst[(size_t)e * ld + s] = row[e];
+    }
+}
+
+/* One query's scores (cols of them, a multiple of 16) -> its softmax in place, over
+ * x = sc scale + mask for keys below `bound` (the rest, up to ld, get 0). */
+static void softmax_row(float *restrict sc, const float *restrict msk, float scale, int bound, int cols, int ld)
+{
+    float top = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (int s = 0; s < bound; s++) {
+        sc[s] = sc[s] * scale + msk[s];
+        top = sc[s] > top ? sc[s] : top;
+    }
+#pragma omp simd reduction(+ : sum)
+    for (int s = 0; s < bound; s++) {
+        sc[s] = sc[s] == -INFINITY ? 0.0f : exp_vec(sc[s] - top);
+        sum += sc[s];
+    }
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma omp simd
+    for (int s = 0; s < bound; s++) sc[s] *= inv;
+    for (int s = bound; s < ld; s++) sc[s] = 0.0f;
+    (void)cols;
+}
+
+/* Attention of every row and query head over its whole key span:
+ *   q    (N, Hq, L, D)   read through strides (elements; D contiguous), as k (N, Hkv, S, D), v
+ *   mask (N, L, S)       additive: 0 for a key to attend, -inf for one to skip
+ *   out  (N, L, Hq, D)   softmax(q k^T scale + mask) v, laid out so (N, L, Hq D) is a view
+ *   probs (N, Hkv, rep L, S) the softmax, for the backward (NULL: not kept); row r L + l is
+ *                        query l of head h rep + r
+ * Query head j reads key/value head j / rep, rep = Hq / Hkv. Work items are (row, kv head) pairs
+ * over `threads` OpenMP threads. Each block of 4 queries multiplies only up to its last
+ * unmasked key (a causal mask leaves the rest); a query with no unmasked key gets zeros. */
+void grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float *k, long ks_n, long ks_h, long ks_s,
+                    const float *v, long vs_n, long vs_h, long vs_s, const float *mask, float *out, float *probs, int n,
+                    int hq, int hkv, int len, int span, int d, float scale, int threads)
+{
+    const int rep = hq / hkv, m_rows = rep * len, s16 = (span + 15) & ~15;
+    int *ends = malloc(sizeof(int) * (size_t)n * len); /* one past each query's last unmasked key */
+#pragma omp parallel num_threads(threads)
+    {
+        FLUSH_DENORMALS_BEGIN
+#pragma omp for schedule(static)
+        for (long row = 0; row < (long)n * len; row++) {
+            const float *msk = mask + row * span;
+            int last = span;
+            while (last > 0 && msk[last - 1] == -INFINITY) last--;
+            ends[row] = last;
+        }
+        float *kt = malloc(sizeof(float) * (size_t)d * s16);      /* K^T (D, S16), zero-padded */
+        float *pb = malloc(sizeof(float) * (size_t)m_rows * s16); /* scores, then softmax (rep L, S16) */
+#pragma omp for schedule(static)
+        for (long b = 0; b < (long)n * hkv; b++) {
+            const long i = b / hkv;
+            const int h = (int)(b % hkv);
+            const float *kb = k + i * ks_n + h * ks_h, *vb = v + i * vs_n + h * vs_h;
+            transpose_rows(kb, ks_s, span, d, kt, s16);
+            for (int m0 = 0; m0 < m_rows; m0 += 4) {
+                const int rows = m_rows - m0 < 4 ? m_rows - m0 : 4;
+                const float *a[4];
+                float *c[4];
+                int bound = 0; /* one past the block's last unmasked key */
+                for (int r = 0; r < 4; r++) {
+                    const int m = m0 + (r < rows ? r : 0), head = h * rep + m / len, l = m % len;
+                    a[r] = q + i * qs_n + head * qs_h + l * qs_l;
+                    c[r] = pb + (size_t)m * s16;
+                    bound = ends[i * len + l] > bound ? ends[i * len + l] : bound;
+                }
+                const int cols = (bound + 15) & ~15;
+                tile_rows(a, 1, kt, s16, d, c, rows, cols, 0);
+                for (int r = 0; r < rows; r++) /* softmax over the block's keys */
+                    softmax_row(pb + (size_t)(m0 + r) * s16, mask + ((size_t)i * len + (m0 + r) % len) * span, scale,
+                                bound, cols, s16);
+                if (probs)
+                    for (int r = 0; r < rows; r++)
+                        memcpy(probs + ((size_t)b * m_rows + m0 + r) * span, pb + (size_t)(m0 + r) * s16,
+                               sizeof(float) * span);
+                for (int r = 0; r < 4; r++) { /* out rows = softmax v */
+                    const int m = m0 + (r < rows ? r : 0), head = h * rep + m / len, l = m % len;
+                    a[r] = pb + (size_t)m * s16;
+                    c[r] = out + ((size_t)i * len + l) * hq * d + (size_t)head * d;
+                }
+                tile_rows(a, 1, vb, vs_s, bound, c, rows, d, 0);
+            }
+        }
+        free(kt);
+        free(pb);
+        FLUSH_DENORMALS_END
+    }
+    free(ends);
+}
+
+/* The gradients of `grpo_attention` from its output's gradient grad (N, L, Hq, D; strides gs_*)
+ * and the kept softmax probs: with dP = grad v^T and dS = P (dP - rowsum(P dP)) scale,
+ *   dq (N, L, Hq, D) = dS k,  dk (N, Hkv, S, D) = dS^T q,  dv (N, Hkv, S, D) = P^T grad,
+ * all written (not added). Products skip the keys a block of queries gives zero probability, and
+ * the queries that give a block of keys none before their first one that does. */
+void grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, const float *probs, const float *q,
+                             long qs_n, long qs_h, long qs_l, const float *k, long ks_n, long ks_h, long ks_s,
+                             const float *v, long vs_n, long vs_h, long vs_s, float *dq, float *dk, float *dv, int n,
+                             int hq, int hkv, int len, int span, int d, float scale, int threads)
+{
+    const int rep = hq / hkv, m_rows = rep * len, s16 = (span + 15) & ~15;
+#pragma omp parallel num_threads(threads)
+    {
+        FLUSH_DENORMALS_BEGIN
+        float *vt = malloc(sizeof(float) * (size_t)d * s16);      /* V^T (D, S16), zero-padded */
+        float *pb = malloc(sizeof(float) * (size_t)m_rows * s16); /* P (rep L, S16) */
+        float *ds = malloc(sizeof(float) * (size_t)m_rows * s16); /* dP, then dS */
+        float *gb = malloc(sizeof(float) * (size_t)m_rows * d);   /* grad rows (rep L, D) */
+        float *qb = malloc(sizeof(float) * (size_t)m_rows * d);   /* q rows (rep L, D) */
+        int *ends = malloc(sizeof(int) * (size_t)m_rows);          /* one past each row's last p > 0 */
+#pragma omp for schedule(static)
+        for (long b = 0; b < (long)n * hkv; b++) {
+            const long i = b / hkv;
+            const int h = (int)(b % hkv);
+            const float *kb = k + i * ks_n + h * ks_h, *vb = v + i * vs_n + h * vs_h;
+            transpose_rows(vb, vs_s, span, d, vt, s16);
+            for (int m = 0; m < m_rows; m++) {
+                const int head = h * rep + m / len, l = m % len;
+                float *pr = pb + (size_t)m * s16;
+                memcpy(pr, probs + ((size_t)b * m_rows + m) * span, sizeof(float) * span);
+                for (int s = span; s < s16; s++) pr[s] = 0.0f;
+                int last = span;
+                while (last > 0 && pr[last - 1] == 0.0f) last--;
+                ends[m] = last;
+                memcpy(gb + (size_t)m * d, grad + i * gs_n + head * gs_h + l * gs_l, sizeof(float) * d);
+                memcpy(qb + (size_t)m * d, q + i * qs_n + head * qs_h + l * qs_l, sizeof(float) * d);
+            }
+            for (int m0 = 0; m0 < m_rows; m0 += 4) {
+                const int rows = m_rows - m0 < 4 ? m_rows - m0 : 4;
+                const float *a[4];
+                float *c[4];
+                int bound = 0; /* one past the block's last key of nonzero probability */
+                for (int r = 0; r < 4; r++) {
+                    const int m = m0 + (r < rows ? r : 0);
+                    a[r] = gb + (size_t)m * d;
+                    c[r] = ds + (size_t)m * s16;
+                    bound = ends[m] > bound ? ends[m] : bound;
+                }
+                const int cols = (bound + 15) & ~15;
+                tile_rows(a, 1, vt, s16, d, c, rows, cols, 0); /* dP */
+                for (int r = 0; r < rows; r++) {
+                    const float *pr = pb + (size_t)(m0 + r) * s16;
+                    float *dr = ds + (size_t)(m0 + r) * s16, delta = 0.0f;
+                    for (int s = 0; s < cols; s++) delta += pr[s] * dr[s];
+                    for (int s = 0; s < cols; s++) dr[s] = pr[s] * (dr[s] - delta) * scale;
+                    for (int s = cols; s < s16; s++) dr[s] = 0.0f;
+                }
+                for (int r = 0; r < 4; r++) { /* dq rows = dS k */
+                    const int m = m0 + (r < rows ? r : 0), head = h * rep + m / len, l = m % len;
+                    a[r] = ds + (size_t)m * s16;
+                    c[r] = dq + ((size_t)i * len + l) * hq * d + (size_t)head * d;
+                }
+                tile_rows(a, 1, kb, ks_s, bound, c, rows, d, 0);
+            }
+            for (int s0 = 0; s0 < span; s0 += 4) { /* dv rows = P^T grad, dk rows = dS^T q */
+                const int rows = span - s0 < 4 ? span - s0 : 4;
+                const float *a[4];
+                float *cv[4], *ck[4];
+                for (int r = 0; r < 4; r++) {
+                    const int s = s0 + (r < rows ? r : 0);
+                    cv[r] = dv + ((size_t)b * span + s) * d;
+                    ck[r] = dk + ((size_t)b * span + s) * d;
+                }
+                int written = 0;
+                for (int g = 0; g < rep; g++) { /* per query head: from its first row with p > 0 at or past s0 */
+                    int lo = 0;
+                    while (lo < len && ends[g * len + lo] <= s0) lo++;
+                    if (lo == len) continue;
+                    const int m = g * len + lo;
+                    for (int r = 0; r < 4; r++) a[r] = pb + (size_t)m * s16 + s0 + (r < rows ? r : 0);
+                    tile_rows(a, s16, gb + (size_t)m * d, d, len - lo, cv, rows, d, written);
+                    for (int r = 0; r < 4; r++) a[r] = ds + (size_t)m * s16 + s0 + (r < rows ? r : 0);
+                    tile_rows(a, s16, qb + (size_t)m * d, d, len - lo, ck, rows, d, written);
+                    written = 1;
+                }
+                if (!written)
+                    for (int r = 0; r < rows; r++) {
+                        memset(cv[r], 0, sizeof(float) * d);
+                        memset(ck[r], 0, sizeof(float) * d);
+                    }
+            }
+        }
+        free(vt);
+        free(pb);
+        free(ds);
+        free(gb);
+        free(qb);
+        free(ends);
+        FLUSH_DENORMALS_END
+    }
+}
+
 /* LoRA dropout as corrections of the undropped products. x (rows, in) is the input; pos (k,) the
  * ascending flat positions of the entries that one projection's dropout zeroes; a_t (in, R) its
  * A^T. With xd = x with those entries zeroed:
@@ -335,6 +599,67 @@ void grpo_lora_drop_backward(const float *x, float *gx, long in, const long *pos
     for (int e = 1; e < parts; e++)
         for (long t = 0; t < in * r; t++) corr[t] += scratch[(size_t)(e - 1) * in * r + t];
     free(scratch);
+}
+
+/* log(v) for v in (0, 1] (normal floats) to about 1 ulp, in operations that vectorise (Cephes'
+ * logf): v = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by a degree-9 polynomial in m - 1. */
+static inline __attribute__((always_inline)) float log_vec(float v)
+{
+    int bits;
+    memcpy(&bits, &v, sizeof bits);
+    int e = (bits >> 23) - 126; /* v = m 2^e, m in [0.5, 1) */
+    bits = (bits & 0x007fffff) | 0x3f000000;
+    float m;
+    memcpy(&m, &bits, sizeof m);
+    const int small = m < 0.707106781186547524f; /* then m -> 2m, e -> e - 1: m in [sqrt(1/2), sqrt(2)) */
+    e -= small;
+    const float f = (small ? m + m : m) - 1.0f;
+    const float z = f * f;
+    float y = 7.0376836292e-2f;
+    y = y * f - 1.1514610310e-1f;
+    y = y * f + 1.1676998740e-1f;
+    y = y * f - 1.2420140846e-1f;
+    y = y * f + 1.4249322787e-1f;
+    y = y * f - 1.6668057665e-1f;
+    y = y * f + 2.0000714765e-1f;
+    y = y * f - 2.4999993993e-1f;
+    y = y * f + 3.3333331174e-1f;
+    y = y * f * z;
+    const float fe = (float)e;
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * z;
+    return f + y + 0.693359375f * fe;
+}
+
+/* The ascending flat positions of the entries that dropout (drop probability p) zeroes among n:
+ * out (cap) receives them; returns their count, or -1 when there are more than cap (the caller
+ * asks again with a larger cap: the same seed gives the same positions). The gaps between
+ * positions are Geometric(p): gap = max(1, ceil(log(v) / log(1 - p))) for v uniform on the
+ * 2^24 grid (0, 1], so each gap's distribution is within 2^-24 of the geometric's and the
+ * positions are those of n independent Bernoulli(p) draws to that precision. The uniforms are
+ * SplitMix64 outputs at counters seed + i (a counter-based stream: batches vectorise). */
+long grpo_dropped_positions(uint64_t seed, long n, float inv_log_q, long *out, long cap)
+{
+    enum { BATCH = 512 };
+    float gaps[BATCH];
+    long pos = -1, k = 0;
+    for (uint64_t base = 0;; base += BATCH) {
+        for (int i = 0; i < BATCH; i++) {
+            uint64_t z = seed + (base + (uint64_t)i + 1) * 0x9e3779b97f4a7c15ULL; /* SplitMix64 */
+            z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+            z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+            z ^= z >> 31;
+            const float v = (float)(int32_t)((z >> 40) + 1) * 0x1p-24f; /* (0, 1], exact */
+            const float g = ceilf(log_vec(v) * inv_log_q);
+            gaps[i] = g > 1.0f ? g : 1.0f;
+        }
+        for (int i = 0; i < BATCH; i++) {
+            pos += (long)gaps[i];
+            if (pos >= n) return k;
+            if (k == cap) return -1;
+            out[k++] = pos;
+        }
+    }
 }
 
 /* The rotary embedding of a (n, L, H, D) batch of heads: out = x cos + rotate_half(x) sin with

@@ -22,14 +22,17 @@ from grpo.fastpath import (
     FastQwen2,
     completion_logprobs_fast,
     dropout_keep,
+    dropped_positions,
     keep_freed_memory,
     onednn_linear_available,
     onednn_packing_available,
     pick_tokens,
     selective_head_logprobs,
     supports,
+    torch_dropped_positions,
     unsupported_reason,
 )
+from grpo.native import kernels
 from grpo.models import attach_lora, build_tiny_model, load_base_model, load_tokenizer, stop_token_ids
 from grpo.rollout import TransformersGenerator
 import grpo.fastpath as fastpath_module
@@ -585,14 +588,19 @@ def test_supported_and_unsupported_adapters() -> None:
     assert not supports(merged)
 
 
-@pytest.mark.parametrize("p, gaps_per_draw", [(0.05, 0), (0.05, 7), (0.2, 0), (0.5, 0)])
-def test_dropout_keep_is_independent_bernoulli(p: float, gaps_per_draw: int) -> None:
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.5])
+def test_dropout_keep_is_independent_bernoulli(p: float, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Drop rate p, no correlation between neighbours (drawn pairs ~ p^2), a fixed stream under
-    torch.manual_seed; gaps_per_draw=7 forces many batches of gaps (the loop's other branch);
-    p=0.5 takes the rand >= p branch."""
+    torch.manual_seed, with the native positions and with torch's; p=0.5 takes the rand >= p
+    branch."""
+    if not native:
+        monkeypatch.setattr(fastpath_module, "kernels", lambda: None)
+    elif kernels() is None:
+        pytest.skip("the native kernels do not build here")
     n = 400_000
     torch.manual_seed(3)
-    keep = dropout_keep((400, 1000), p, torch.float32, torch.device("cpu"), gaps_per_draw=gaps_per_draw)
+    keep = dropout_keep((400, 1000), p, torch.float32, torch.device("cpu"))
     assert keep.shape == (400, 1000) and set(keep.unique().tolist()) <= {0.0, 1.0}
     drop = 1.0 - keep.reshape(-1)
     se = (p * (1 - p) / n) ** 0.5
@@ -600,12 +608,43 @@ def test_dropout_keep_is_independent_bernoulli(p: float, gaps_per_draw: int) -> 
     pairs = (drop[1:] * drop[:-1]).mean().item()  # both of two neighbours dropped
     assert abs(pairs - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
     torch.manual_seed(3)
-    again = dropout_keep((400, 1000), p, torch.float32, torch.device("cpu"), gaps_per_draw=gaps_per_draw)
+    again = dropout_keep((400, 1000), p, torch.float32, torch.device("cpu"))
     assert torch.equal(keep, again)
     assert not torch.equal(keep, dropout_keep((400, 1000), p, torch.float32, torch.device("cpu")))
-    if gaps_per_draw:  # batches of gaps read the same sequence of draws as one batch: the same mask
-        torch.manual_seed(3)
-        assert torch.equal(keep, dropout_keep((400, 1000), p, torch.float32, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("p", [0.05, 0.01])
+def test_dropped_positions_gaps_are_geometric(p: float, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gaps between dropped positions follow Geometric(p) (a chi-square over the first
+    bins and the tail) and do not depend on the gap before; positions ascend, stay below n."""
+    if not native:
+        monkeypatch.setattr(fastpath_module, "kernels", lambda: None)
+    elif kernels() is None:
+        pytest.skip("the native kernels do not build here")
+    n = 4_000_000
+    torch.manual_seed(11)
+    drops = dropped_positions(n, p, torch.device("cpu"))
+    assert drops.dtype == torch.int64 and bool((drops[1:] > drops[:-1]).all()) and 0 <= int(drops[0]) and int(drops[-1]) < n
+    gaps = torch.diff(drops).double()  # (k - 1,)
+    k = gaps.numel()
+    bins = 40 if p == 0.05 else 150  # P(gap > bins) is about a tenth
+    counts = torch.bincount(gaps.long().clamp(max=bins + 1), minlength=bins + 2)[1:].double()  # gaps 1..bins, tail
+    probs = torch.tensor([p * (1 - p) ** (g - 1) for g in range(1, bins + 1)] + [(1 - p) ** bins], dtype=torch.float64)
+    chi2 = float(((counts - k * probs) ** 2 / (k * probs)).sum())
+    assert chi2 < bins + 6 * (2 * bins) ** 0.5, f"chi-square {chi2:.1f} over {bins + 1} bins"
+    centred = gaps - gaps.mean()
+    lag1 = float((centred[1:] * centred[:-1]).mean() / (centred * centred).mean())
+    assert abs(lag1) < 5 / k**0.5
+
+
+def test_torch_dropped_positions_reads_one_stream_in_batches() -> None:
+    """Batches of gaps read the same sequence of draws as one batch: the same positions."""
+    torch.manual_seed(3)
+    one = torch_dropped_positions(100_000, 0.05, torch.device("cpu"))
+    torch.manual_seed(3)
+    batched = torch_dropped_positions(100_000, 0.05, torch.device("cpu"), gaps_per_draw=7)
+    assert torch.equal(one, batched)
 
 
 def test_keep_freed_memory_is_idempotent() -> None:

@@ -7,6 +7,7 @@ first use (cached); where there is none, the kernel tests skip and the fallback 
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,52 @@ def test_decode_attention_matches_torch(native: NativeKernels, threads: int, hq:
                                 torch.empty(n, hq * d), 3, 1.0)  # fmt: skip
 
 
+@pytest.mark.parametrize("hq, hkv, d, length, prefix", [(4, 2, 64, 23, 9), (14, 2, 64, 6, 0), (4, 4, 128, 17, 3), (6, 2, 16, 33, 0)])
+def test_attention_matches_torch(
+    native: NativeKernels, threads: int, hq: int, hkv: int, d: int, length: int, prefix: int
+) -> None:
+    """Forward and gradients against torch's fused attention: causal over a prefix of keys, left
+    padding in the prefix, padded keys at the end, q as a strided view (the layout the rotary
+    kernel writes), GQA rep 1 to 7, L not a multiple of 4, a key span not a multiple of 16."""
+    g = torch.Generator().manual_seed(hq * d + length)
+    n, span = 5, prefix + length
+    q = torch.randn(n, length, hq, d, generator=g).transpose(1, 2).requires_grad_()  # (n, Hq, L, D) strided
+    k = torch.randn(n, hkv, span, d, generator=g, requires_grad=True)
+    v = torch.randn(n, hkv, span, d, generator=g, requires_grad=True)
+    allowed = torch.ones(length, span, dtype=torch.bool).tril(prefix)[None].repeat(n, 1, 1)  # (n, L, S)
+    if prefix:
+        allowed[0, :, :2] = False  # left padding of the prefix
+    allowed[1, :, span - 2 :] = False  # padding after a stop
+    allowed[1, -2:, span - 3] = True  # the padded queries see one key
+    mask = torch.zeros(n, 1, length, span).masked_fill(~allowed[:, None], float("-inf"))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hkv)
+    grad = torch.randn(n, length, hq, d, generator=g).transpose(1, 2)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    out, probs = native.attention(q.detach(), k.detach(), v.detach(), mask, keep_probs=True)
+    torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-5)
+    assert out.transpose(1, 2).is_contiguous()  # (n, L, Hq, D): (n, L, Hq D) is a view
+    none, no_probs = native.attention(q.detach(), k.detach(), v.detach(), mask, keep_probs=False)
+    assert no_probs is None and torch.equal(none, out)
+    got_grads = native.attention_backward(grad, probs, q.detach(), k.detach(), v.detach())
+    for have, ref in zip(got_grads, want_grads):
+        torch.testing.assert_close(have, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="16"):
+        native.attention(q.detach()[..., :8], k.detach()[..., :8], v.detach()[..., :8], mask, keep_probs=False)
+    with pytest.raises(ValueError, match="mask"):
+        native.attention(q.detach(), k.detach(), v.detach(), mask[:, :, :-1], keep_probs=False)
+
+
+def test_attention_of_a_query_without_keys_is_zero(native: NativeKernels) -> None:
+    """A query whose keys are all masked gets zeros (torch gives NaN there) and passes no gradient."""
+    q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16)
+    mask = torch.zeros(1, 1, 3, 4)
+    mask[0, 0, 1] = float("-inf")
+    out, probs = native.attention(q, k, v, mask, keep_probs=True)
+    assert torch.equal(out[:, :, 1], torch.zeros(1, 2, 16)) and bool(out[:, :, 0].abs().sum() > 0)
+    dq, dk, dv = native.attention_backward(torch.ones(1, 2, 3, 16), probs, q, k, v)
+    assert torch.equal(dq[:, :, 1], torch.zeros(1, 2, 16))
+
+
 def test_swiglu_matches_torch(native: NativeKernels, threads: int) -> None:
     g = torch.Generator().manual_seed(0)
     gate = torch.randn(3, 50, 96, generator=g) * 4
@@ -116,7 +163,9 @@ def test_build_is_cached_and_failures_are_one_line(tmp_path: Path) -> None:
 
 def test_fast_path_same_with_and_without_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampling, log-probs and gradients of the fast path agree with the kernels on and off
-    (`GRPO_NATIVE=0` does the same as kernels() returning None)."""
+    (`GRPO_NATIVE=0` does the same as kernels() returning None). The LoRA dropout positions come
+    from torch's generator in both runs (the native one draws another stream)."""
+    monkeypatch.setattr(fastpath, "dropped_positions", fastpath.torch_dropped_positions)
     path = build_tiny_model(tmp_path / "tiny", seed=3, hidden_size=64, num_layers=2, num_heads=4,
                             num_kv_heads=2, intermediate_size=128)  # fmt: skip
     model, tok = random_lora_policy(path)
@@ -197,3 +246,23 @@ def test_lora_dropout_corrections_match_dropped_copies(native: NativeKernels, th
     wide = torch.randn(m, 65)
     with pytest.raises(ValueError, match="rank 65"):
         native.lora_drop_xa(x, drops, torch.randn(d_in, 65), wide)
+
+
+def test_dropped_positions_are_a_function_of_the_seed(native: NativeKernels) -> None:
+    """The same seed gives the same positions (also through the larger-cap retry, which a cap
+    one short of the count forces); another seed other ones; p outside (0, 1) is refused."""
+    n, p = 50_000, 0.05
+    drops = native.dropped_positions(n, p, 123)
+    assert torch.equal(drops, native.dropped_positions(n, p, 123))
+    assert not torch.equal(drops, native.dropped_positions(n, p, 124))
+    assert torch.equal(native.dropped_positions(n, p, 123 - 2**64), drops)  # seeds are taken mod 2^64
+    k, inv_log_q = drops.numel(), 1.0 / math.log1p(-p)
+    short = torch.empty(k - 1, dtype=torch.int64)
+    assert native._dropped_positions(123, n, inv_log_q, short.data_ptr(), k - 1) == -1
+    exact = torch.empty(k, dtype=torch.int64)
+    assert native._dropped_positions(123, n, inv_log_q, exact.data_ptr(), k) == k
+    assert torch.equal(exact, drops)
+    assert native.dropped_positions(0, p, 1).numel() == 0
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="must be in"):
+            native.dropped_positions(n, bad, 1)
