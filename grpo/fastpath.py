@@ -17,8 +17,10 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   base tensors are never written) and stored transposed, q/k/v and gate/up side by side, so that
   each is one plain GEMM (the quickest form for a few dozen rows on CPU); each unique prompt
   is prefilled once, then one token per iteration is decoded for all N rows into a preallocated
-  KV cache (N, kv_heads, P + T, head_dim) per layer, with rotary tables precomputed for every step
-  and an additive padding mask built once. The token choice is `TransformersGenerator._pick`'s
+  KV cache per layer (with the native kernels, (N, kv_heads, T, head_dim) beside the prompts'
+  own (U, kv_heads, P, head_dim), which all G rows of a prompt read; else (N, kv_heads, P + T,
+  head_dim), the prompt copied in), with rotary tables precomputed for every step and an
+  additive padding mask built once. The token choice is `TransformersGenerator._pick`'s
   (temperature, `grpo.rollout.filter_logits`, softmax, multinomial), so a given torch.Generator
   draws the same tokens as the plain path; `sampler="inverse_cdf"` draws the same distribution
   from one uniform per row (much cheaper on CPU, different random stream).
@@ -1011,7 +1013,7 @@ class FastQwen2:
         u, p = u_ids.shape
         if rows is None:
             rows = torch.arange(u, device=dev).repeat_interleave(num_samples)  # (N,)
-        rows = rows.to(dev)
+        rows = rows.to(dev, torch.long).contiguous()
         n, t_max = int(rows.shape[0]), int(max_new_tokens)
         min_new_tokens = min(min_new_tokens, t_max)
         hkv, d, hq = self.num_kv_heads, self.head_dim, self.num_heads
@@ -1019,33 +1021,40 @@ class FastQwen2:
         span = p + t_max
         scale = d**-0.5
 
-        # Prefill every unique prompt once; its keys/values fill the first P slots of N rows.
+        # Prefill every unique prompt once.
         kv: list[tuple[Tensor, Tensor]] = []
         hidden = self.hidden_states(u_ids, u_mask, merged=True, kv_out=kv)  # (U, P, H)
         logits = self.logits(hidden[:, -1]).float().index_select(0, rows)  # (N, V)
-        caches: list[tuple[Tensor, Tensor]] = []
-        for k, v in kv:
-            kc = torch.empty(n, hkv, span, d, dtype=self.dtype, device=dev)  # (N, Hkv, P+T, D)
-            vc = torch.empty(n, hkv, span, d, dtype=self.dtype, device=dev)  # (N, Hkv, P+T, D)
-            kc[:, :, :p].copy_(k.index_select(0, rows))
-            vc[:, :, :p].copy_(v.index_select(0, rows))
-            caches.append((kc, vc))
-        del kv, hidden
-        # per layer: the slot-writing views (N, Hkv, P+T, D), keys^T (N Hkv, D, P+T), values (N Hkv, P+T, D)
-        cache_views = [
-            (kc, vc, kc.view(n * hkv, span, d).transpose(1, 2), vc.view(n * hkv, span, d)) for kc, vc in caches
-        ]
-
-        # Additive mask over the cache span: -inf on prompt padding, 0 on real and new tokens.
-        row_mask = torch.zeros(n, span, dtype=self.dtype, device=dev)  # (N, P+T)
-        row_mask[:, :p].masked_fill_(u_mask.index_select(0, rows) == 0, float("-inf"))
-        # the native attention step (rotary, cache write, attention in one kernel) where it runs,
-        # else torch's operators over the mask repeated for the key/value heads
+        del hidden
+        # The native attention step (rotary, cache write, attention in one kernel) reads each
+        # prompt's keys/values where they are and keeps this generation's in T slots per row;
+        # torch's operators attend over caches of P + T slots per row, the prompt's copied in.
         native = kernels() if dev.type == "cpu" and self.dtype == torch.float32 else None
         if native is not None:
+            prompt_mask = torch.zeros(u, p, dtype=self.dtype, device=dev)  # (U, P) additive
+            prompt_mask.masked_fill_(u_mask == 0, float("-inf"))
+            slots = (n, hkv, t_max, d)
+            # per layer: prompt keys, values (U, Hkv, P, D); generated keys, values (N, Hkv, T, D)
+            layer_caches = [
+                (k.contiguous(), v.contiguous(), torch.empty(slots, dtype=self.dtype, device=dev),
+                 torch.empty(slots, dtype=self.dtype, device=dev))
+                for k, v in kv
+            ]  # fmt: skip
             att_out = torch.empty(n, hq * d, dtype=self.dtype, device=dev)  # (N, Hq D) its output
         else:
+            # -inf on prompt padding, 0 on real and new tokens; repeated for the key/value heads
+            row_mask = torch.zeros(n, span, dtype=self.dtype, device=dev)  # (N, P+T)
+            row_mask[:, :p].masked_fill_(u_mask.index_select(0, rows) == 0, float("-inf"))
             add_mask = row_mask.repeat_interleave(hkv, dim=0)[:, None, :]  # (N Hkv, 1, P+T)
+            # per layer: caches (N, Hkv, P+T, D), keys^T (N Hkv, D, P+T) and values (N Hkv, P+T, D) views
+            layer_caches = []
+            for k, v in kv:
+                kc = torch.empty(n, hkv, span, d, dtype=self.dtype, device=dev)
+                vc = torch.empty(n, hkv, span, d, dtype=self.dtype, device=dev)
+                kc[:, :, :p].copy_(k.index_select(0, rows))
+                vc[:, :, :p].copy_(v.index_select(0, rows))
+                layer_caches.append((kc, vc, kc.view(n * hkv, span, d).transpose(1, 2), vc.view(n * hkv, span, d)))
+        del kv
 
         # Rotary tables of every decode step: positions next_pos + t.
         u_pos = (u_mask.cumsum(-1) - 1).clamp(min=0)  # (U, P)
@@ -1079,16 +1088,18 @@ class FastQwen2:
             tokens.append(token)
             if t == t_max - 1 or (t >= min_new_tokens and bool(finished.all())):
                 break
-            # One decode step for all N rows: token t at cache slot P + t.
+            # One decode step for all N rows: token t at slot t (native) or P + t (torch's caches).
             slot, length = p + t, p + t + 1
             c, s = cos[t], sin[t]  # (N, 1, D)
             x = F.embedding(token, embed)  # (N, H)
-            for (kc, vc, keys_t, values), g in zip(cache_views, layers):
+            for cache, g in zip(layer_caches, layers):
                 h = rms(x, g.ln1)
                 qkv = torch.addmm(g.qkv_b, h, g.qkv_t)  # (N, (Hq + 2 Hkv) D)
                 if native is not None:
-                    att = native.decode_attention(qkv, c, s, kc, vc, row_mask, att_out, slot, scale)  # (N, Hq D)
+                    pk, pv, kc, vc = cache
+                    att = native.decode_attention(qkv, c, s, pk, pv, prompt_mask, rows, kc, vc, att_out, t, scale)  # (N, Hq D)
                 else:
+                    kc, vc, keys_t, values = cache
                     qk = qkv[:, :qk_dim].view(n, hq + hkv, d)  # (N, Hq + Hkv, D)
                     qk = torch.addcmul(qk * c, torch.roll(qk, half, dims=-1), s)  # (N, Hq + Hkv, D)
                     kc[:, :, slot].copy_(qk[:, hq:])

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class NativeKernels:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-        self._attention = self._typed(lib.grpo_decode_attention, [ptr] * 7 + [i32] * 6 + [f32, i32])
+        self._attention = self._typed(lib.grpo_decode_attention, [ptr] * 7 + [i32, i32, ptr, ptr, i32, i32, ptr] + [i32] * 4 + [f32, i32])
+        self._attention.restype = i32
         self._swiglu = self._typed(lib.grpo_swiglu, [ptr, ptr, i64, ptr, i64, i32, i32])
         self._swiglu_backward = self._typed(lib.grpo_swiglu_backward, [ptr] * 5 + [i64, i32, i32])
         self._rms_norm = self._typed(lib.grpo_rms_norm, [ptr] * 4 + [i64, i32, f32, i32])
@@ -235,22 +237,30 @@ class NativeKernels:
         qkv: Tensor,
         cos: Tensor,
         signed_sin: Tensor,
+        prompt_k: Tensor,
+        prompt_v: Tensor,
+        prompt_mask: Tensor,
+        prompt_of: Tensor,
         k_cache: Tensor,
         v_cache: Tensor,
-        mask: Tensor,
         out: Tensor,
         slot: int,
         scale: float,
     ) -> Tensor:
-        """One decode step: qkv (N, (Hq + 2 Hkv) D), cos / signed_sin (N, D), caches
-        (N, Hkv, S, D) (slot `slot` is written), mask (N, S) additive -> out (N, Hq D)."""
+        """One decode step: qkv (N, (Hq + 2 Hkv) D), cos / signed_sin (N, D); the keys/values of
+        the U distinct prompts (U, Hkv, P, D) with their additive mask (U, P) and each row's
+        prompt `prompt_of` (N,) int64; the generated keys/values (N, Hkv, S, D), slot `slot`
+        written -> out (N, Hq D): attention over the row's prompt and generated slots 0..slot."""
         n, hkv, span, d = k_cache.shape
+        u, plen = prompt_mask.shape
         hq = out.shape[1] // d
-        tensors = (qkv, cos, signed_sin, k_cache, v_cache, mask, out)
+        tensors = (qkv, cos, signed_sin, prompt_k, prompt_v, prompt_mask, k_cache, v_cache, out)
         if (
             qkv.shape != (n, (hq + 2 * hkv) * d)
-            or mask.shape != (n, span)
             or v_cache.shape != k_cache.shape
+            or prompt_k.shape != (u, hkv, plen, d)
+            or prompt_v.shape != prompt_k.shape
+            or prompt_of.shape != (n,)
             or cos.numel() != n * d
             or signed_sin.numel() != n * d
             or not 0 <= slot < span
@@ -258,10 +268,15 @@ class NativeKernels:
             raise ValueError("decode_attention: shapes do not agree")
         if not (self.runs_on(*tensors) and all(t.is_contiguous() for t in tensors)):
             raise ValueError("decode_attention: needs contiguous float32 CPU tensors")
-        self._attention(
-            qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            mask.data_ptr(), out.data_ptr(), n, hq, hkv, d, span, slot, scale, torch.get_num_threads(),
+        if prompt_of.dtype != torch.int64 or not prompt_of.is_contiguous() or prompt_of.device.type != "cpu":
+            raise ValueError("decode_attention: prompt_of must be a contiguous int64 CPU tensor")
+        done = self._attention(
+            qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), prompt_k.data_ptr(), prompt_v.data_ptr(),
+            prompt_mask.data_ptr(), prompt_of.data_ptr(), u, plen, k_cache.data_ptr(), v_cache.data_ptr(), span, slot,
+            out.data_ptr(), n, hq, hkv, d, scale, torch.get_num_threads(),
         )  # fmt: skip
+        if done != 0:
+            raise ValueError(f"decode_attention: prompt_of holds an index outside 0..{u - 1}")
         return out
 
 
@@ -323,21 +338,23 @@ def build(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
 def _self_check(kernels: NativeKernels) -> None:
     """A small attention step against torch's operators; raises RuntimeError on disagreement."""
     g = torch.Generator().manual_seed(0)
-    n, hq, hkv, d, span, slot = 3, 4, 2, 8, 6, 4
+    n, hq, hkv, d, plen, span, slot = 3, 4, 2, 8, 3, 6, 4
     qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
     cos, sin = torch.rand(n, d, generator=g), torch.rand(n, d, generator=g)
+    pk, pv = torch.randn(2, hkv, plen, d, generator=g), torch.randn(2, hkv, plen, d, generator=g)
+    pmask = torch.zeros(2, plen)
+    pmask[1, :2] = float("-inf")
+    prompt_of = torch.tensor([1, 0, 1])
     kc, vc = torch.randn(n, hkv, span, d, generator=g), torch.randn(n, hkv, span, d, generator=g)
-    mask = torch.zeros(n, span)
-    mask[0, :2] = float("-inf")
-    out = kernels.decode_attention(qkv, cos, sin, kc, vc, mask, torch.empty(n, hq * d), slot, d**-0.5)
-    want = reference_decode_attention(qkv, cos, sin, kc.clone(), vc.clone(), mask, hq, slot, d**-0.5)
+    want = reference_decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of, kc.clone(), vc.clone(), hq, slot, d**-0.5)
+    out = kernels.decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of, kc, vc, torch.empty(n, hq * d), slot, d**-0.5)
     if not torch.allclose(out, want, rtol=1e-4, atol=1e-5):
         raise RuntimeError("the compiled kernel disagrees with torch on a test step")
 
 
 def reference_decode_attention(
-    qkv: Tensor, cos: Tensor, signed_sin: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor,
-    hq: int, slot: int, scale: float,
+    qkv: Tensor, cos: Tensor, signed_sin: Tensor, prompt_k: Tensor, prompt_v: Tensor, prompt_mask: Tensor,
+    prompt_of: Tensor, k_cache: Tensor, v_cache: Tensor, hq: int, slot: int, scale: float,
 ) -> Tensor:  # fmt: skip
     """`NativeKernels.decode_attention` in torch operators (writes the caches too) -> (N, Hq D)."""
     n, hkv, _, d = k_cache.shape
@@ -347,8 +364,10 @@ def reference_decode_attention(
     k_cache[:, :, slot] = qk[:, hq:]
     v_cache[:, :, slot] = heads[:, hq + hkv :]
     q = qk[:, :hq].reshape(n, hkv, hq // hkv, d)  # (N, Hkv, rep, D)
-    keys, values = k_cache[:, :, : slot + 1], v_cache[:, :, : slot + 1]  # (N, Hkv, L, D)
-    att = q @ keys.transpose(-1, -2) * scale + mask[:, None, None, : slot + 1]  # (N, Hkv, rep, L)
+    keys = torch.cat([prompt_k[prompt_of], k_cache[:, :, : slot + 1]], dim=2)  # (N, Hkv, P + slot + 1, D)
+    values = torch.cat([prompt_v[prompt_of], v_cache[:, :, : slot + 1]], dim=2)  # (N, Hkv, P + slot + 1, D)
+    mask = F.pad(prompt_mask[prompt_of], (0, slot + 1))  # (N, P + slot + 1)
+    att = q @ keys.transpose(-1, -2) * scale + mask[:, None, None]  # (N, Hkv, rep, L)
     return (att.softmax(-1) @ values).reshape(n, hq * d)  # (N, Hq D)
 
 

@@ -57,17 +57,35 @@ static inline __attribute__((always_inline)) float exp_vec(float x)
     return y * two_n;
 }
 
-/* One row's key/value head h: rotate and store its new key and value in slot `slot`, then its
- * rep = Hq / Hkv queries attend to slots 0..slot. q (rep, D), acc (D), scores (rep, slot + 1)
- * are the thread's scratch. Inlined with D a constant for the common head sizes, so the D-long
- * loops unroll, vectorise and keep one query's sums in registers. Masked slots (-inf) get
- * weight exactly 0. */
-static inline __attribute__((always_inline)) void attend_block(
-    const float *x, const float *c, const float *s, float *keys, float *values, const float *m, float *o,
-    float *q, float *acc, float *scores, const int hq, const int hkv, const int h, const int d, const int slot,
-    const float scale)
+/* scores[l] = q . keys[l] (+ m[l] when m is not NULL) for `count` keys of D values, 16 partial
+ * sums per dot product (the loop vectorises). */
+static inline __attribute__((always_inline)) void score_keys(const float *qr, const float *keys, int count,
+                                                             const float *m, float *scores, const int d)
 {
-    const int rep = hq / hkv, len = slot + 1;
+    for (int l = 0; l < count; l++) {
+        const float *k = keys + (size_t)l * d;
+        float part[16] = {0}, dot = 0.0f;
+        for (int e0 = 0; e0 + 16 <= d; e0 += 16)
+            for (int j = 0; j < 16; j++) part[j] += qr[e0 + j] * k[e0 + j];
+        for (int e = d - d % 16; e < d; e++) dot += qr[e] * k[e];
+        for (int j = 0; j < 8; j++) part[j] += part[j + 8];
+        for (int j = 0; j < 4; j++) part[j] += part[j + 4];
+        scores[l] = dot + (part[0] + part[2]) + (part[1] + part[3]) + (m ? m[l] : 0.0f);
+    }
+}
+
+/* One row's key/value head h: rotate and store its new key and value in slot `slot` of its
+ * generated keys/values, then its rep = Hq / Hkv queries attend to the P keys of its prompt
+ * (pkeys, pvalues, additive mask pm) and to generated slots 0..slot. q (rep, D), acc (D),
+ * scores (rep, P + slot + 1) are the thread's scratch. Inlined with D a constant for the common
+ * head sizes, so the D-long loops unroll, vectorise and keep one query's sums in registers.
+ * Masked keys (-inf) get weight exactly 0. */
+static inline __attribute__((always_inline)) void attend_block(
+    const float *x, const float *c, const float *s, const float *pkeys, const float *pvalues, const float *pm,
+    const int plen, float *keys, float *values, float *o, float *q, float *acc, float *scores, const int hq,
+    const int hkv, const int h, const int d, const int slot, const float scale)
+{
+    const int rep = hq / hkv, len = plen + slot + 1;
     rotate(x + (size_t)(hq + h) * d, c, s, 1.0f, keys + (size_t)slot * d, d);
     memcpy(values + (size_t)slot * d, x + (size_t)(hq + hkv + h) * d, sizeof(float) * d);
     for (int r = 0; r < rep; r++) rotate(x + (size_t)(h * rep + r) * d, c, s, scale, q + (size_t)r * d, d);
@@ -75,16 +93,8 @@ static inline __attribute__((always_inline)) void attend_block(
     for (int r = 0; r < rep; r++) {
         const float *qr = q + (size_t)r * d;
         float *sr = scores + (size_t)r * len;
-        for (int l = 0; l < len; l++) { /* scores = q k^T + mask */
-            const float *k = keys + (size_t)l * d;
-            float part[16] = {0}, dot = 0.0f; /* 16 partial sums: the loop vectorises */
-            for (int e0 = 0; e0 + 16 <= d; e0 += 16)
-                for (int j = 0; j < 16; j++) part[j] += qr[e0 + j] * k[e0 + j];
-            for (int e = d - d % 16; e < d; e++) dot += qr[e] * k[e];
-            for (int j = 0; j < 8; j++) part[j] += part[j + 8];
-            for (int j = 0; j < 4; j++) part[j] += part[j + 4];
-            sr[l] = dot + (part[0] + part[2]) + (part[1] + part[3]) + m[l];
-        }
+        score_keys(qr, pkeys, plen, pm, sr, d);
+        score_keys(qr, keys, slot + 1, NULL, sr + plen, d);
         float top = -INFINITY, sum = 0.0f; /* softmax numerators and denominator */
 #pragma omp simd reduction(max : top)
         for (int l = 0; l < len; l++) top = sr[l] > top ? sr[l] : top;
@@ -94,8 +104,12 @@ static inline __attribute__((always_inline)) void attend_block(
             sum += sr[l];
         }
         for (int e = 0; e < d; e++) acc[e] = 0.0f;
-        for (int l = 0; l < len; l++) { /* acc = p v */
-            const float p = sr[l], *v = values + (size_t)l * d;
+        for (int l = 0; l < plen; l++) { /* acc = p v */
+            const float p = sr[l], *v = pvalues + (size_t)l * d;
+            for (int e = 0; e < d; e++) acc[e] += p * v[e];
+        }
+        for (int l = 0; l <= slot; l++) {
+            const float p = sr[plen + l], *v = values + (size_t)l * d;
             for (int e = 0; e < d; e++) acc[e] += p * v[e];
         }
         float *out = o + (size_t)r * d;
@@ -108,18 +122,23 @@ static inline __attribute__((always_inline)) void attend_block(
  * torch operators:
  *   qkv  (N, (Hq + 2 Hkv) D)  this step's projections: the Hq query heads, Hkv keys, Hkv values
  *   cos_, ssin (N, D)         rotary tables at each row's position (rotate_half's sign in ssin)
- *   kc, vc (N, Hkv, S, D)     caches: slot `slot` receives the rotated key and the value
- *   mask (N, S)               additive: 0 for a slot to attend, -inf for prompt padding
- *   out  (N, Hq D)            softmax(q k^T * scale + mask) v over slots 0..slot
+ *   pk, pv (U, Hkv, P, D)     the keys/values of the U distinct prompts, read by all their rows
+ *   pmask (U, P)              additive: 0 for a prompt token, -inf for its padding
+ *   prompt (N,)               each row's prompt, below U (else nothing is done and -1 returned)
+ *   kc, vc (N, Hkv, S, D)     generated keys/values: slot `slot` receives the rotated key, value
+ *   out  (N, Hq D)            softmax(q k^T * scale + mask) v over the prompt and slots 0..slot
  * Query head j reads key/value head j / (Hq / Hkv). Rows x key/value heads run in parallel on
- * `threads` OpenMP threads; the next block's keys and values are prefetched while one is
- * computed. */
-void grpo_decode_attention(const float *qkv, const float *cos_, const float *ssin, float *kc, float *vc,
-                           const float *mask, float *out, int n, int hq, int hkv, int d, int span, int slot,
-                           float scale, int threads)
+ * `threads` OpenMP threads; the rows of one prompt are neighbours, so its keys/values are read
+ * from memory once and from cache after that, and the next block's generated keys and values
+ * are prefetched while one is computed. */
+int grpo_decode_attention(const float *qkv, const float *cos_, const float *ssin, const float *pk, const float *pv,
+                          const float *pmask, const long *prompt, int u, int plen, float *kc, float *vc, int span,
+                          int slot, float *out, int n, int hq, int hkv, int d, float scale, int threads)
 {
-    const int rep = hq / hkv, len = slot + 1;
-    const size_t row = (size_t)(hq + 2 * hkv) * d, block = (size_t)span * d;
+    for (int i = 0; i < n; i++)
+        if (prompt[i] < 0 || prompt[i] >= u) return -1;
+    const int rep = hq / hkv, len = plen + slot + 1;
+    const size_t row = (size_t)(hq + 2 * hkv) * d, block = (size_t)span * d, pblock = (size_t)plen * d;
 #pragma omp parallel num_threads(threads)
     {
         FLUSH_DENORMALS_BEGIN
@@ -132,26 +151,32 @@ void grpo_decode_attention(const float *qkv, const float *cos_, const float *ssi
             float *keys = kc + (size_t)b * block, *values = vc + (size_t)b * block;
             if (b + 1 < n * hkv) {
                 const char *next_k = (const char *)(keys + block), *next_v = (const char *)(values + block);
-                for (size_t off = 0; off < (size_t)len * d * sizeof(float); off += 64) {
+                for (size_t off = 0; off < (size_t)(slot + 1) * d * sizeof(float); off += 64) {
                     __builtin_prefetch(next_k + off, 0, 1);
                     __builtin_prefetch(next_v + off, 0, 1);
                 }
             }
+            const long u = prompt[i];
+            const float *pkeys = pk + ((size_t)u * hkv + h) * pblock, *pvalues = pv + ((size_t)u * hkv + h) * pblock;
             const float *x = qkv + (size_t)i * row, *c = cos_ + (size_t)i * d, *s = ssin + (size_t)i * d;
-            const float *m = mask + (size_t)i * span;
+            const float *pm = pmask + (size_t)u * plen;
             float *o = out + (size_t)i * hq * d + (size_t)h * rep * d;
             if (d == 64)
-                attend_block(x, c, s, keys, values, m, o, q, acc, scores, hq, hkv, h, 64, slot, scale);
+                attend_block(x, c, s, pkeys, pvalues, pm, plen, keys, values, o, q, acc, scores, hq, hkv, h, 64,
+                             slot, scale);
             else if (d == 128)
-                attend_block(x, c, s, keys, values, m, o, q, acc, scores, hq, hkv, h, 128, slot, scale);
+                attend_block(x, c, s, pkeys, pvalues, pm, plen, keys, values, o, q, acc, scores, hq, hkv, h, 128,
+                             slot, scale);
             else
-                attend_block(x, c, s, keys, values, m, o, q, acc, scores, hq, hkv, h, d, slot, scale);
+                attend_block(x, c, s, pkeys, pvalues, pm, plen, keys, values, o, q, acc, scores, hq, hkv, h, d,
+                             slot, scale);
         }
         free(q);
         free(acc);
         free(scores);
         FLUSH_DENORMALS_END
     }
+    return 0;
 }
 
 /* SwiGLU, silu(gate) * up, over `rows` rows of `width`: gate and up rows `stride` apart (they may
