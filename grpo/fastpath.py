@@ -301,26 +301,41 @@ class _Rotary(torch.autograd.Function):
 
 class _Attention(torch.autograd.Function):
     """Attention through the native kernels: the forward keeps the softmax (n, Hkv, Hq / Hkv L, Lk)
-    for the backward, which then needs no second pass over q k^T."""
+    for the backward, which then needs no second pass over q k^T. Optional prompt keys/values
+    (U, Hkv, P, D) with each row's prompt `rows` (n,) come first in each row's keys; their
+    gradient sums the rows of each prompt."""
 
     @staticmethod
-    def applies(native: NativeKernels, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> bool:
-        return q.shape[-1] % 16 == 0 and native.runs_on(q, k, v, mask) and mask.is_contiguous()
+    def applies(
+        native: NativeKernels, q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
+        prefix: tuple[Tensor, Tensor, Tensor] | None,
+    ) -> bool:  # fmt: skip
+        tensors = (q, k, v, mask, *(prefix or ())[:2])
+        return q.shape[-1] % 16 == 0 and native.runs_on(*tensors) and mask.is_contiguous()
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    def forward(
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, pk: Tensor | None, pv: Tensor | None,
+        rows: Tensor | None,
+    ) -> Tensor:  # fmt: skip
         native = kernels()
-        out, probs = native.attention(q, k, v, mask, keep_probs=True)  # (n, Hq, L, D), (n, Hkv, rep L, Lk)
-        ctx.native = native
-        ctx.save_for_backward(q, k, v, probs)
+        prefix = (pk, pv, rows) if pk is not None else None
+        out, probs = native.attention(q, k, v, mask, keep_probs=True, prefix=prefix)  # (n, Hq, L, D), (n, Hkv, rep L, Lk)
+        ctx.native, ctx.has_prefix = native, prefix is not None
+        ctx.save_for_backward(q, k, v, probs, *(prefix or ()))
         return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, probs = ctx.saved_tensors
+        q, k, v, probs, *prefix = ctx.saved_tensors
         g = g if g.stride(-1) == 1 else g.contiguous()  # (n, Hq, L, D)
-        dq, dk, dv = ctx.native.attention_backward(g, probs, q, k, v)
-        return dq, dk, dv, None
+        dq, dk, dv, dpk, dpv = ctx.native.attention_backward(g, probs, q, k, v, tuple(prefix) if prefix else None)
+        if not ctx.has_prefix:
+            return dq, dk, dv, None, None, None, None
+        pk, _, rows = prefix
+        dpk = torch.zeros_like(pk, memory_format=torch.contiguous_format).index_add_(0, rows, dpk)  # (U, Hkv, P, D)
+        dpv = torch.zeros_like(prefix[1], memory_format=torch.contiguous_format).index_add_(0, rows, dpv)  # (U, Hkv, P, D)
+        return dq, dk, dv, None, dpk, dpv, None
 
 
 @dataclass
@@ -885,15 +900,23 @@ class FastQwen2:
         return cos, sin * sign
 
     @staticmethod
-    def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """softmax(q k^T / sqrt(D) + mask) v: q (n, Hq, L, D), k, v (n, Hkv, Lk, D), mask (n, 1, L, Lk)
-        additive -> (n, Hq, L, D). The native kernels' attention (`_Attention` in autograd) for
-        float32 CPU heads of a multiple of 16, else torch's fused kernel."""
+    def _attend(
+        q: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """softmax(q k^T / sqrt(D) + mask) v: q (n, Hq, L, D), k, v (n, Hkv, Lk, D), mask
+        (n, 1, L, Lp + Lk) additive -> (n, Hq, L, D). `prefix` = (keys, values (U, Hkv, Lp, D),
+        rows (n,)): row i's first Lp keys/values are those of rows[i]. The native kernels'
+        attention (`_Attention` in autograd) for float32 CPU heads of a multiple of 16, which reads
+        the prefix in place; else the prefix repeated for the rows and torch's fused kernel."""
         native = kernels()
-        if native is not None and _Attention.applies(native, q, k, v, mask):
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                return _Attention.apply(q, k, v, mask)
-            return native.attention(q, k, v, mask, keep_probs=False)[0]
+        if native is not None and _Attention.applies(native, q, k, v, mask, prefix):
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *(prefix or ())[:2])):
+                return _Attention.apply(q, k, v, mask, *(prefix or (None, None, None)))
+            return native.attention(q, k, v, mask, keep_probs=False, prefix=prefix)[0]
+        if prefix is not None:
+            pk, pv, rows = prefix
+            k = torch.cat([pk.index_select(0, rows), k], dim=2)  # (n, Hkv, Lp + Lk, D)
+            v = torch.cat([pv.index_select(0, rows), v], dim=2)  # (n, Hkv, Lp + Lk, D)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
     def _heads(self, x: Tensor, heads: int) -> Tensor:
@@ -912,6 +935,7 @@ class FastQwen2:
         merged: bool = False,
         kv_out: list[tuple[Tensor, Tensor]] | None = None,
         prefix_kv: list[tuple[Tensor, Tensor]] | None = None,
+        prefix_rows: Tensor | None = None,
         prefix_mask: Tensor | None = None,
     ) -> Tensor:
         """Final-layer hidden states (n, L, H), before the final norm.
@@ -919,9 +943,9 @@ class FastQwen2:
         `merged=True` runs the generation weights (adapter merged); otherwise the base weights
         with the LoRA unmerged when `use_adapter`. Position ids count real tokens (left padding).
         `kv_out` collects each layer's rotated keys and values (n, Hkv, L, D). `prefix_kv`
-        (each (n, Hkv, Lp, D)) with `prefix_mask` (n, Lp) continue sequences whose first Lp
-        tokens were already run: their keys/values are attended to and their real tokens counted
-        in the position ids.
+        (each layer's (U, Hkv, Lp, D)), `prefix_rows` (n,) and `prefix_mask` (n, Lp) continue
+        sequences whose first Lp tokens were already run: row i attends to the keys/values of
+        prefix row prefix_rows[i], whose real tokens count in its position ids.
         """
         n, length = input_ids.shape
         mask = attention_mask.long()  # (n, L)
@@ -959,11 +983,8 @@ class FastQwen2:
             v = self._heads(v, hkv)  # (n, Hkv, L, D)
             if kv_out is not None:
                 kv_out.append((k, v))
-            if prefix_kv is not None:
-                pk, pv = prefix_kv[i]
-                k = torch.cat([pk, k], dim=2)  # (n, Hkv, Lp + L, D)
-                v = torch.cat([pv, v], dim=2)  # (n, Hkv, Lp + L, D)
-            o = self._sdpa(q, k, v, attn_mask)  # (n, Hq, L, D)
+            prefix = (*prefix_kv[i], prefix_rows) if prefix_kv is not None else None
+            o = self._attend(q, k, v, attn_mask, prefix)  # (n, Hq, L, D)
             o = o.transpose(1, 2).reshape(n, length, hq * self.head_dim)  # (n, L, Hq D)
             x = self._o(o, lay, gen, use_adapter, x)  # (n, L, H): residual added
             h = self._rms(x, gen.ln2 if gen is not None else lay.ln2)  # (n, L, H)
@@ -1206,15 +1227,14 @@ def _block_logprobs(
         if t == 1:
             hidden = last  # (n, 1, H)
         else:
-            # each layer's prompt keys/values repeated for the rows: (n, Hkv, P, D) each
-            prefix = [(k.index_select(0, inverse), v.index_select(0, inverse)) for k, v in kv]
             c_hidden = fast.hidden_states(
                 completion_ids[:, : t - 1],
                 completion_mask[:, : t - 1],
                 use_adapter=use_adapter,
-                prefix_kv=prefix,
+                prefix_kv=kv,
+                prefix_rows=inverse,
                 prefix_mask=prompt_mask,
-            )  # (n, T-1, H)
+            )  # (n, T-1, H): each row attends to its prompt's keys/values (U, Hkv, P, D)
             hidden = torch.cat([last, c_hidden], dim=1)  # (n, T, H)
     normed = fast._rms(hidden, fast.norm)  # (n, T, H)
     return selective_head_logprobs(

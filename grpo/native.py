@@ -64,10 +64,16 @@ class NativeKernels:
         self._drop_backward = self._typed(
             lib.grpo_lora_drop_backward, [ptr, ptr, i64, ptr, i64, ptr, i64, ptr, i32, ptr, i32]
         )
-        self._attn = self._typed(lib.grpo_attention, [ptr, i64, i64, i64] * 3 + [ptr] * 3 + [i32] * 6 + [f32, i32])
-        self._attn_backward = self._typed(
-            lib.grpo_attention_backward, [ptr, i64, i64, i64, ptr] + [ptr, i64, i64, i64] * 3 + [ptr] * 3 + [i32] * 6 + [f32, i32]
+        heads = [ptr, i64, i64, i64]  # a tensor of heads and its (row, head, position) strides
+        self._attn = self._typed(
+            lib.grpo_attention, heads * 3 + [ptr, i32, i32] + heads * 2 + [ptr] * 3 + [i32] * 6 + [f32, i32]
         )
+        self._attn.restype = i32
+        self._attn_backward = self._typed(
+            lib.grpo_attention_backward,
+            heads + [ptr] + heads * 3 + [ptr, i32, i32] + heads * 2 + [ptr] * 5 + [i32] * 6 + [f32, i32],
+        )
+        self._attn_backward.restype = i32
         self._dropped_positions = self._typed(lib.grpo_dropped_positions, [ctypes.c_uint64, i64, f32, ptr, i64])
         self._dropped_positions.restype = i64
 
@@ -154,47 +160,86 @@ class NativeKernels:
         return corr
 
     @staticmethod
-    def _heads_args(t: Tensor) -> tuple[int, ...]:
+    def _heads_args(t: Tensor | None) -> tuple[int | None, ...]:
         """data pointer and the (row, head, position) strides of a (n, heads, L, D) tensor."""
+        if t is None:
+            return None, 0, 0, 0
         return t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, keep_probs: bool) -> tuple[Tensor, Tensor | None]:
-        """softmax(q k^T / sqrt(D) + mask) v for q (n, Hq, L, D), k, v (n, Hkv, S, D) (any strides,
-        D contiguous, D a multiple of 16), mask (n, 1, L, S) additive -> (out (n, Hq, L, D), a view
-        of an (n, L, Hq, D) tensor; the softmax (n, Hkv, Hq / Hkv * L, S) when `keep_probs`)."""
-        n, hq, length, d = q.shape
-        hkv, span = k.shape[1], k.shape[2]
-        if k.shape != (n, hkv, span, d) or v.shape != k.shape or hq % hkv or d % 16:
+    def _check_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor, Tensor] | None
+    ) -> tuple[int, int, int]:
+        """(Hkv, prompt keys P, whole span S) of an attention call; ValueError where it cannot run."""
+        n, hq, _, d = q.shape
+        hkv, plen = k.shape[1], 0
+        if prefix is not None:
+            pk, pv, prompt_of = prefix
+            plen = pk.shape[2]
+            if pk.shape != (pk.shape[0], hkv, plen, d) or pv.shape != pk.shape or prompt_of.shape != (n,):
+                raise ValueError("attention: prompt keys/values (U, Hkv, P, D) and one prompt index per row")
+            if prompt_of.dtype != torch.int64 or not prompt_of.is_contiguous() or not self.runs_on(pk, pv):
+                raise ValueError("attention: float32 CPU prompt keys/values, contiguous int64 prompt indices")
+        if k.shape != (n, hkv, k.shape[2], d) or v.shape != k.shape or hq % hkv or d % 16:
             raise ValueError("attention: q (n, Hq, L, D), k and v (n, Hkv, S, D) with Hkv | Hq and 16 | D")
-        if mask.shape != (n, 1, length, span) or not mask.is_contiguous() or not self.runs_on(q, k, v, mask):
-            raise ValueError("attention: a contiguous (n, 1, L, S) mask; float32 CPU tensors, D contiguous")
+        if not self.runs_on(q, k, v):
+            raise ValueError("attention: float32 CPU tensors, D contiguous")
+        return hkv, plen, plen + k.shape[2]
+
+    def attention(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, keep_probs: bool,
+        prefix: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        """softmax(q k^T / sqrt(D) + mask) v for q (n, Hq, L, D), k, v (n, Hkv, S, D) (any strides,
+        D contiguous, D a multiple of 16), mask (n, 1, L, P + S) additive -> (out (n, Hq, L, D), a
+        view of an (n, L, Hq, D) tensor; the softmax (n, Hkv, Hq / Hkv L, P + S) when
+        `keep_probs`). `prefix` = (prompt keys, prompt values (U, Hkv, P, D), prompt_of (n,)
+        int64): row i's first P keys/values are those of prompt prompt_of[i]."""
+        n, hq, length, d = q.shape
+        hkv, plen, span = self._check_attention(q, k, v, prefix)
+        if mask.shape != (n, 1, length, span) or not mask.is_contiguous() or not self.runs_on(mask):
+            raise ValueError("attention: the mask must be a contiguous float32 (n, 1, L, P + S)")
+        pk, pv, prompt_of = prefix if prefix is not None else (None, None, None)
         out = torch.empty(n, length, hq, d, dtype=q.dtype)
         probs = torch.empty(n, hkv, hq // hkv * length, span, dtype=q.dtype) if keep_probs else None
-        self._attn(
-            *self._heads_args(q), *self._heads_args(k), *self._heads_args(v), mask.data_ptr(), out.data_ptr(),
+        done = self._attn(
+            *self._heads_args(q), *self._heads_args(pk), *self._heads_args(pv),
+            prompt_of.data_ptr() if prompt_of is not None else None, pk.shape[0] if pk is not None else 0, plen,
+            *self._heads_args(k), *self._heads_args(v), mask.data_ptr(), out.data_ptr(),
             probs.data_ptr() if probs is not None else None, n, hq, hkv, length, span, d, d**-0.5,
             torch.get_num_threads(),
         )  # fmt: skip
+        if done != 0:
+            raise ValueError("attention: prompt_of holds an index outside the prompts")
         return out.transpose(1, 2), probs
 
     def attention_backward(
-        self, grad: Tensor, probs: Tensor, q: Tensor, k: Tensor, v: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """(dq, dk, dv) of `attention` from its output's gradient grad (n, Hq, L, D) and the kept
-        softmax; dq is a view of an (n, L, Hq, D) tensor, dk and dv are contiguous."""
+        self, grad: Tensor, probs: Tensor, q: Tensor, k: Tensor, v: Tensor,
+        prefix: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+        """(dq, dk, dv, dpk, dpv) of `attention` from its output's gradient grad (n, Hq, L, D)
+        and the kept softmax; dq is a view of an (n, L, Hq, D) tensor; dk, dv (n, Hkv, S, D)
+        and, with a prefix, dpk, dpv (n, Hkv, P, D) for each row's prompt keys/values (rows of
+        one prompt to be summed), else None."""
         n, hq, length, d = q.shape
-        hkv, span = k.shape[1], k.shape[2]
+        hkv, plen, span = self._check_attention(q, k, v, prefix)
         if grad.shape != q.shape or probs.shape != (n, hkv, hq // hkv * length, span) or not probs.is_contiguous():
             raise ValueError("attention_backward: grad shaped as q, probs as `attention` keeps them")
-        if not self.runs_on(grad, q, k, v):
+        if not self.runs_on(grad, probs):
             raise ValueError("attention_backward: float32 CPU tensors, D contiguous")
+        pk, pv, prompt_of = prefix if prefix is not None else (None, None, None)
         dq = torch.empty(n, length, hq, d, dtype=q.dtype)
-        dk, dv = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
-        self._attn_backward(
-            *self._heads_args(grad), probs.data_ptr(), *self._heads_args(q), *self._heads_args(k), *self._heads_args(v),
-            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), n, hq, hkv, length, span, d, d**-0.5, torch.get_num_threads(),
+        dk, dv = (torch.empty(n, hkv, span - plen, d, dtype=q.dtype) for _ in range(2))
+        dpk, dpv = (torch.empty(n, hkv, plen, d, dtype=q.dtype) for _ in range(2)) if prefix is not None else (None, None)
+        done = self._attn_backward(
+            *self._heads_args(grad), probs.data_ptr(), *self._heads_args(q), *self._heads_args(pk),
+            *self._heads_args(pv), prompt_of.data_ptr() if prompt_of is not None else None,
+            pk.shape[0] if pk is not None else 0, plen, *self._heads_args(k), *self._heads_args(v), dq.data_ptr(),
+            dpk.data_ptr() if dpk is not None else None, dpv.data_ptr() if dpv is not None else None,
+            dk.data_ptr(), dv.data_ptr(), n, hq, hkv, length, span, d, d**-0.5, torch.get_num_threads(),
         )  # fmt: skip
-        return dq.transpose(1, 2), dk, dv
+        if done != 0:
+            raise ValueError("attention_backward: prompt_of holds an index outside the prompts")
+        return dq.transpose(1, 2), dk, dv, dpk, dpv
 
     def dropped_positions(self, n: int, p: float, seed: int) -> Tensor:
         """Ascending flat positions (k,) int64 of the entries that dropout with drop probability

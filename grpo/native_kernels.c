@@ -308,21 +308,48 @@ static void tile_rows(const float *const a[4], long ae, const float *b, long ldb
     }
 }
 
-/* dst (d, ld) = the transpose of src's first `span` rows (row stride ss, d contiguous values
- * each), zero-padded from column span to ld. */
-static void transpose_rows(const float *restrict src, long ss, int span, int d, float *restrict dst, int ld)
+/* dst[e][col0 + s] = src[s][e] for the first `count` rows of src (row stride ss, d contiguous
+ * values each): their transpose into columns col0.. of dst (d rows, row stride ld). */
+static void transpose_rows(const float *restrict src, long ss, int count, int d, float *restrict dst, int ld, int col0)
 {
-    for (int e = 0; e < d; e++)
-        for (int s = span; s < ld; s++) dst[(size_t)e * ld + s] = 0.0f;
-    for (int s = 0; s < span; s++) {
+    for (int s = 0; s < count; s++) {
         const float *row = src + s * ss;
-        for (int e = 0; e < d; e++) dst[(size_t)e * ld + s] = row[e];
+        for (int e = 0; e < d; e++) dst[(size_t)e * ld + col0 + s] = row[e];
     }
 }
 
-/* One query's scores (cols of them, a multiple of 16) -> its softmax in place, over
- * x = sc scale + mask for keys below `bound` (the rest, up to ld, get 0). */
-static void softmax_row(float *restrict sc, const float *restrict msk, float scale, int bound, int cols, int ld)
+/* The keys or values of one row and kv head: the first plen of its span are its prompt's (p, row
+ * stride ps; NULL when plen is 0), the rest its own (x, row stride xs). */
+typedef struct {
+    const float *p, *x;
+    long ps, xs;
+    int plen;
+} span_rows;
+
+/* (d, ld) = the transpose of a span's `span` rows, zero-padded from column span to ld. */
+static void transpose_span(span_rows r, int span, int d, float *restrict dst, int ld)
+{
+    for (int e = 0; e < d; e++)
+        for (int s = span; s < ld; s++) dst[(size_t)e * ld + s] = 0.0f;
+    transpose_rows(r.p, r.ps, r.plen, d, dst, ld, 0);
+    transpose_rows(r.x, r.xs, span - r.plen, d, dst, ld, r.plen);
+}
+
+/* c rows (4 x d) = sum over the span's first `count` rows s of a[r][s] times row s: the prompt's
+ * rows and then the row's own, one tile product each. */
+static void tile_span(const float *const a[4], span_rows b, int count, int d, float *const c[4], int rows)
+{
+    const int first = count < b.plen ? count : b.plen;
+    tile_rows(a, 1, b.p, b.ps, first, c, rows, d, 0);
+    if (count > b.plen) {
+        const float *const own[4] = {a[0] + b.plen, a[1] + b.plen, a[2] + b.plen, a[3] + b.plen};
+        tile_rows(own, 1, b.x, b.xs, count - b.plen, c, rows, d, 1);
+    }
+}
+
+/* One query's scores -> its softmax in place, over x = sc scale + mask for keys below `bound`
+ * (the rest, up to ld, get 0). */
+static void softmax_row(float *restrict sc, const float *restrict msk, float scale, int bound, int ld)
 {
     float top = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : top)
@@ -339,22 +366,29 @@ static void softmax_row(float *restrict sc, const float *restrict msk, float sca
 #pragma omp simd
     for (int s = 0; s < bound; s++) sc[s] *= inv;
     for (int s = bound; s < ld; s++) sc[s] = 0.0f;
-    (void)cols;
 }
 
 /* Attention of every row and query head over its whole key span:
- *   q    (N, Hq, L, D)   read through strides (elements; D contiguous), as k (N, Hkv, S, D), v
+ *   q    (N, Hq, L, D)   read through strides (elements; D contiguous), as all the keys/values
+ *   pk, pv (U, Hkv, P, D) the first P keys/values of each row's span: those of its prompt
+ *                        prompt[i] (below U, else nothing is done and -1 returned); P may be 0
+ *   k, v (N, Hkv, S - P, D) the rest of each row's keys/values, its own
  *   mask (N, L, S)       additive: 0 for a key to attend, -inf for one to skip
  *   out  (N, L, Hq, D)   softmax(q k^T scale + mask) v, laid out so (N, L, Hq D) is a view
  *   probs (N, Hkv, rep L, S) the softmax, for the backward (NULL: not kept); row r L + l is
  *                        query l of head h rep + r
  * Query head j reads key/value head j / rep, rep = Hq / Hkv. Work items are (row, kv head) pairs
- * over `threads` OpenMP threads. Each block of 4 queries multiplies only up to its last
- * unmasked key (a causal mask leaves the rest); a query with no unmasked key gets zeros. */
-void grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float *k, long ks_n, long ks_h, long ks_s,
-                    const float *v, long vs_n, long vs_h, long vs_s, const float *mask, float *out, float *probs, int n,
-                    int hq, int hkv, int len, int span, int d, float scale, int threads)
+ * over `threads` OpenMP threads; the rows of a prompt are neighbours, so its keys/values come
+ * from cache after the first. Each block of 4 queries multiplies only up to its last unmasked
+ * key (a causal mask leaves the rest); a query with no unmasked key gets zeros. */
+int grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float *pk, long pks_u, long pks_h,
+                   long pks_s, const float *pv, long pvs_u, long pvs_h, long pvs_s, const long *prompt, int u,
+                   int plen, const float *k, long ks_n, long ks_h, long ks_s, const float *v, long vs_n, long vs_h,
+                   long vs_s, const float *mask, float *out, float *probs, int n, int hq, int hkv, int len, int span,
+                   int d, float scale, int threads)
 {
+    for (int i = 0; plen && i < n; i++)
+        if (prompt[i] < 0 || prompt[i] >= u) return -1;
     const int rep = hq / hkv, m_rows = rep * len, s16 = (span + 15) & ~15;
     int *ends = malloc(sizeof(int) * (size_t)n * len); /* one past each query's last unmasked key */
 #pragma omp parallel num_threads(threads)
@@ -371,10 +405,11 @@ void grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float
         float *pb = malloc(sizeof(float) * (size_t)m_rows * s16); /* scores, then softmax (rep L, S16) */
 #pragma omp for schedule(static)
         for (long b = 0; b < (long)n * hkv; b++) {
-            const long i = b / hkv;
+            const long i = b / hkv, pi = plen ? prompt[i] : 0;
             const int h = (int)(b % hkv);
-            const float *kb = k + i * ks_n + h * ks_h, *vb = v + i * vs_n + h * vs_h;
-            transpose_rows(kb, ks_s, span, d, kt, s16);
+            const span_rows keys = {pk + pi * pks_u + h * pks_h, k + i * ks_n + h * ks_h, pks_s, ks_s, plen};
+            const span_rows values = {pv + pi * pvs_u + h * pvs_h, v + i * vs_n + h * vs_h, pvs_s, vs_s, plen};
+            transpose_span(keys, span, d, kt, s16);
             for (int m0 = 0; m0 < m_rows; m0 += 4) {
                 const int rows = m_rows - m0 < 4 ? m_rows - m0 : 4;
                 const float *a[4];
@@ -390,7 +425,7 @@ void grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float
                 tile_rows(a, 1, kt, s16, d, c, rows, cols, 0);
                 for (int r = 0; r < rows; r++) /* softmax over the block's keys */
                     softmax_row(pb + (size_t)(m0 + r) * s16, mask + ((size_t)i * len + (m0 + r) % len) * span, scale,
-                                bound, cols, s16);
+                                bound, s16);
                 if (probs)
                     for (int r = 0; r < rows; r++)
                         memcpy(probs + ((size_t)b * m_rows + m0 + r) * span, pb + (size_t)(m0 + r) * s16,
@@ -400,7 +435,7 @@ void grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float
                     a[r] = pb + (size_t)m * s16;
                     c[r] = out + ((size_t)i * len + l) * hq * d + (size_t)head * d;
                 }
-                tile_rows(a, 1, vb, vs_s, bound, c, rows, d, 0);
+                tile_span(a, values, bound, d, c, rows);
             }
         }
         free(kt);
@@ -408,19 +443,27 @@ void grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float
         FLUSH_DENORMALS_END
     }
     free(ends);
+    return 0;
 }
 
 /* The gradients of `grpo_attention` from its output's gradient grad (N, L, Hq, D; strides gs_*)
  * and the kept softmax probs: with dP = grad v^T and dS = P (dP - rowsum(P dP)) scale,
- *   dq (N, L, Hq, D) = dS k,  dk (N, Hkv, S, D) = dS^T q,  dv (N, Hkv, S, D) = P^T grad,
- * all written (not added). Products skip the keys a block of queries gives zero probability, and
- * the queries that give a block of keys none before their first one that does. */
-void grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, const float *probs, const float *q,
-                             long qs_n, long qs_h, long qs_l, const float *k, long ks_n, long ks_h, long ks_s,
-                             const float *v, long vs_n, long vs_h, long vs_s, float *dq, float *dk, float *dv, int n,
-                             int hq, int hkv, int len, int span, int d, float scale, int threads)
+ *   dq (N, L, Hq, D) = dS k,  dk = dS^T q,  dv = P^T grad,
+ * dk, dv split as the keys are: dpk, dpv (N, Hkv, P, D) for each row's prompt keys/values (the
+ * caller sums the rows of a prompt), dk, dv (N, Hkv, S - P, D) for its own. All written (not
+ * added). Products skip the keys a block of queries gives zero probability, and the queries that
+ * give a block of keys none before their first one that does. Returns -1 (and does nothing) for
+ * a prompt index outside 0..U-1. */
+int grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, const float *probs, const float *q,
+                            long qs_n, long qs_h, long qs_l, const float *pk, long pks_u, long pks_h, long pks_s,
+                            const float *pv, long pvs_u, long pvs_h, long pvs_s, const long *prompt, int u, int plen,
+                            const float *k, long ks_n, long ks_h, long ks_s, const float *v, long vs_n, long vs_h,
+                            long vs_s, float *dq, float *dpk, float *dpv, float *dk, float *dv, int n, int hq, int hkv,
+                            int len, int span, int d, float scale, int threads)
 {
-    const int rep = hq / hkv, m_rows = rep * len, s16 = (span + 15) & ~15;
+    for (int i = 0; plen && i < n; i++)
+        if (prompt[i] < 0 || prompt[i] >= u) return -1;
+    const int rep = hq / hkv, m_rows = rep * len, s16 = (span + 15) & ~15, own = span - plen;
 #pragma omp parallel num_threads(threads)
     {
         FLUSH_DENORMALS_BEGIN
@@ -432,10 +475,11 @@ void grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l,
         int *ends = malloc(sizeof(int) * (size_t)m_rows);          /* one past each row's last p > 0 */
 #pragma omp for schedule(static)
         for (long b = 0; b < (long)n * hkv; b++) {
-            const long i = b / hkv;
+            const long i = b / hkv, pi = plen ? prompt[i] : 0;
             const int h = (int)(b % hkv);
-            const float *kb = k + i * ks_n + h * ks_h, *vb = v + i * vs_n + h * vs_h;
-            transpose_rows(vb, vs_s, span, d, vt, s16);
+            const span_rows keys = {pk + pi * pks_u + h * pks_h, k + i * ks_n + h * ks_h, pks_s, ks_s, plen};
+            const span_rows values = {pv + pi * pvs_u + h * pvs_h, v + i * vs_n + h * vs_h, pvs_s, vs_s, plen};
+            transpose_span(values, span, d, vt, s16);
             for (int m = 0; m < m_rows; m++) {
                 const int head = h * rep + m / len, l = m % len;
                 float *pr = pb + (size_t)m * s16;
@@ -472,7 +516,7 @@ void grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l,
                     a[r] = ds + (size_t)m * s16;
                     c[r] = dq + ((size_t)i * len + l) * hq * d + (size_t)head * d;
                 }
-                tile_rows(a, 1, kb, ks_s, bound, c, rows, d, 0);
+                tile_span(a, keys, bound, d, c, rows);
             }
             for (int s0 = 0; s0 < span; s0 += 4) { /* dv rows = P^T grad, dk rows = dS^T q */
                 const int rows = span - s0 < 4 ? span - s0 : 4;
@@ -480,8 +524,9 @@ void grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l,
                 float *cv[4], *ck[4];
                 for (int r = 0; r < 4; r++) {
                     const int s = s0 + (r < rows ? r : 0);
-                    cv[r] = dv + ((size_t)b * span + s) * d;
-                    ck[r] = dk + ((size_t)b * span + s) * d;
+                    const size_t at = s < plen ? ((size_t)b * plen + s) * d : ((size_t)b * own + s - plen) * d;
+                    cv[r] = (s < plen ? dpv : dv) + at;
+                    ck[r] = (s < plen ? dpk : dk) + at;
                 }
                 int written = 0;
                 for (int g = 0; g < rep; g++) { /* per query head: from its first row with p > 0 at or past s0 */
@@ -510,6 +555,7 @@ void grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l,
         free(ends);
         FLUSH_DENORMALS_END
     }
+    return 0;
 }
 
 /* LoRA dropout as corrections of the undropped products. x (rows, in) is the input; pos (k,) the
@@ -543,6 +589,22 @@ static inline __attribute__((always_inline)) void drop_xa(const float *restrict 
     }
 }
 
+/* a . b over r values: 8 partial sums and a fixed tree when 8 divides r (a chain of r dependent
+ * additions otherwise: the sums of one position would wait on each other). */
+static inline __attribute__((always_inline)) float dot_rank(const float *restrict a, const float *restrict b,
+                                                            const int r)
+{
+    if (r % 8) {
+        float sum = 0.0f;
+        for (int t = 0; t < r; t++) sum += a[t] * b[t];
+        return sum;
+    }
+    float p[8] = {0};
+    for (int t0 = 0; t0 < r; t0 += 8)
+        for (int j = 0; j < 8; j++) p[j] += a[t0 + j] * b[t0 + j];
+    return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
+}
+
 static inline __attribute__((always_inline)) void drop_backward(const float *restrict x, float *restrict gx,
                                                                 long in, const long *restrict pos, long k,
                                                                 const float *restrict gxa, long gxa_stride,
@@ -556,12 +618,9 @@ static inline __attribute__((always_inline)) void drop_backward(const float *res
         for (; j < k && pos[j] < row_end; j++) {
             const long col = pos[j] - row * in;
             const float v = x[pos[j]], *ac = a_t + col * r;
-            float *out = corr + col * r, dot = 0.0f;
-            for (int t = 0; t < r; t++) {
-                out[t] += v * g[t];
-                dot += g[t] * ac[t];
-            }
-            if (gx) gx[pos[j]] -= dot;
+            float *out = corr + col * r;
+            for (int t = 0; t < r; t++) out[t] += v * g[t];
+            if (gx) gx[pos[j]] -= dot_rank(g, ac, r);
         }
     }
 }

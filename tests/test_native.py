@@ -79,39 +79,67 @@ def test_decode_attention_matches_torch(native: NativeKernels, threads: int, hq:
     with pytest.raises(ValueError, match="int64"):
         native.decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of.int(), kc, vc, out, 3, 1.0)
 
-@pytest.mark.parametrize("hq, hkv, d, length, prefix", [(4, 2, 64, 23, 9), (14, 2, 64, 6, 0), (4, 4, 128, 17, 3), (6, 2, 16, 33, 0)])
+@pytest.mark.parametrize(
+    "hq, hkv, d, length, prefix, shared",
+    [(4, 2, 64, 23, 9, False), (4, 2, 64, 23, 9, True), (14, 2, 64, 6, 0, False), (4, 4, 128, 17, 3, True),
+     (6, 2, 16, 33, 0, False)],
+)  # fmt: skip
 def test_attention_matches_torch(
-    native: NativeKernels, threads: int, hq: int, hkv: int, d: int, length: int, prefix: int
+    native: NativeKernels, threads: int, hq: int, hkv: int, d: int, length: int, prefix: int, shared: bool
 ) -> None:
     """Forward and gradients against torch's fused attention: causal over a prefix of keys, left
-    padding in the prefix, padded keys at the end, q as a strided view (the layout the rotary
-    kernel writes), GQA rep 1 to 7, L not a multiple of 4, a key span not a multiple of 16."""
+    padding in the prefix, padded keys at the end, q and the prompt keys as strided views (the
+    layout the rotary kernel writes), GQA rep 1 to 7, L not a multiple of 4, a key span not a
+    multiple of 16. `shared`: the prefix keys/values are those of 2 prompts that the 5 rows
+    read (out of order), their gradients summed over each prompt's rows."""
     g = torch.Generator().manual_seed(hq * d + length)
     n, span = 5, prefix + length
     q = torch.randn(n, length, hq, d, generator=g).transpose(1, 2).requires_grad_()  # (n, Hq, L, D) strided
-    k = torch.randn(n, hkv, span, d, generator=g, requires_grad=True)
-    v = torch.randn(n, hkv, span, d, generator=g, requires_grad=True)
+    k = torch.randn(n, hkv, length, d, generator=g, requires_grad=True)
+    v = torch.randn(n, hkv, length, d, generator=g, requires_grad=True)
+    rows = torch.tensor([1, 0, 1, 1, 0])
+    units = 2 if shared else n
+    pk = torch.randn(units, prefix, hkv, d, generator=g).transpose(1, 2).requires_grad_()  # (U, Hkv, P, D) strided
+    pv = torch.randn(units, hkv, prefix, d, generator=g, requires_grad=True)
+    pick = rows if shared else torch.arange(n)
     allowed = torch.ones(length, span, dtype=torch.bool).tril(prefix)[None].repeat(n, 1, 1)  # (n, L, S)
     if prefix:
         allowed[0, :, :2] = False  # left padding of the prefix
     allowed[1, :, span - 2 :] = False  # padding after a stop
     allowed[1, -2:, span - 3] = True  # the padded queries see one key
     mask = torch.zeros(n, 1, length, span).masked_fill(~allowed[:, None], float("-inf"))
-    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hkv)
+    keys, values = torch.cat([pk[pick], k], dim=2), torch.cat([pv[pick], v], dim=2)  # (n, Hkv, S, D)
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
     grad = torch.randn(n, length, hq, d, generator=g).transpose(1, 2)
-    want_grads = torch.autograd.grad(want, (q, k, v), grad)
-    out, probs = native.attention(q.detach(), k.detach(), v.detach(), mask, keep_probs=True)
+    want_grads = torch.autograd.grad(want, (q, k, v, pk, pv), grad)
+    detached = [t.detach() for t in (q, k, v, pk, pv)]
+    if shared:
+        args = dict(prefix=(detached[3], detached[4], rows))
+    else:  # the whole span as the rows' own keys
+        args = {}
+        detached[1:3] = [keys.detach(), values.detach()]
+    out, probs = native.attention(*detached[:3], mask, keep_probs=True, **args)
     torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-5)
     assert out.transpose(1, 2).is_contiguous()  # (n, L, Hq, D): (n, L, Hq D) is a view
-    none, no_probs = native.attention(q.detach(), k.detach(), v.detach(), mask, keep_probs=False)
+    none, no_probs = native.attention(*detached[:3], mask, keep_probs=False, **args)
     assert no_probs is None and torch.equal(none, out)
-    got_grads = native.attention_backward(grad, probs, q.detach(), k.detach(), v.detach())
-    for have, ref in zip(got_grads, want_grads):
+    dq, dk, dv, dpk, dpv = native.attention_backward(grad, probs, *detached[:3], **args)
+    if shared:
+        dpk = torch.zeros(2, hkv, prefix, d).index_add_(0, rows, dpk)
+        dpv = torch.zeros(2, hkv, prefix, d).index_add_(0, rows, dpv)
+    else:
+        assert dpk is None and dpv is None
+        dk, dpk = dk[:, :, prefix:], dk[:, :, :prefix]
+        dv, dpv = dv[:, :, prefix:], dv[:, :, :prefix]
+    for have, ref in zip((dq, dk, dv, dpk, dpv), want_grads):
         torch.testing.assert_close(have, ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="16"):
         native.attention(q.detach()[..., :8], k.detach()[..., :8], v.detach()[..., :8], mask, keep_probs=False)
     with pytest.raises(ValueError, match="mask"):
-        native.attention(q.detach(), k.detach(), v.detach(), mask[:, :, :-1], keep_probs=False)
+        native.attention(*detached[:3], mask[:, :, :, :-1], keep_probs=False, **args)
+    if shared:
+        with pytest.raises(ValueError, match="outside the prompts"):
+            native.attention(*detached[:3], mask, keep_probs=False, prefix=(detached[3], detached[4], rows + 1))
 
 
 def test_attention_of_a_query_without_keys_is_zero(native: NativeKernels) -> None:
@@ -121,7 +149,7 @@ def test_attention_of_a_query_without_keys_is_zero(native: NativeKernels) -> Non
     mask[0, 0, 1] = float("-inf")
     out, probs = native.attention(q, k, v, mask, keep_probs=True)
     assert torch.equal(out[:, :, 1], torch.zeros(1, 2, 16)) and bool(out[:, :, 0].abs().sum() > 0)
-    dq, dk, dv = native.attention_backward(torch.ones(1, 2, 3, 16), probs, q, k, v)
+    dq, *_ = native.attention_backward(torch.ones(1, 2, 3, 16), probs, q, k, v)
     assert torch.equal(dq[:, :, 1], torch.zeros(1, 2, 16))
 
 
