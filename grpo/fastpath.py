@@ -1115,12 +1115,15 @@ class FastQwen2:
             x = F.embedding(token, embed)  # (N, H)
             for cache, g in zip(layer_caches, layers):
                 h = rms(x, g.ln1)
-                qkv = torch.addmm(g.qkv_b, h, g.qkv_t)  # (N, (Hq + 2 Hkv) D)
-                if native is not None:
+                if native is not None:  # the kernel adds the bias
                     pk, pv, kc, vc = cache
-                    att = native.decode_attention(qkv, c, s, pk, pv, prompt_mask, rows, kc, vc, att_out, t, scale)  # (N, Hq D)
+                    qkv = torch.mm(h, g.qkv_t)  # (N, (Hq + 2 Hkv) D)
+                    att = native.decode_attention(
+                        qkv, g.qkv_b, c, s, pk, pv, prompt_mask, rows, kc, vc, att_out, t, scale
+                    )  # (N, Hq D)
                 else:
                     kc, vc, keys_t, values = cache
+                    qkv = torch.addmm(g.qkv_b, h, g.qkv_t)  # (N, (Hq + 2 Hkv) D)
                     qk = qkv[:, :qk_dim].view(n, hq + hkv, d)  # (N, Hq + Hkv, D)
                     qk = torch.addcmul(qk * c, torch.roll(qk, half, dims=-1), s)  # (N, Hq + Hkv, D)
                     kc[:, :, slot].copy_(qk[:, hq:])
@@ -1129,10 +1132,10 @@ class FastQwen2:
                     att = torch.baddbmm(add_mask[:, :, :length], q, keys_t[:, :, :length], alpha=scale)  # (N Hkv, rep, L)
                     att = torch.bmm(att.softmax(dim=-1), values[:, :length])  # (N Hkv, rep, D)
                     att = att.view(n, hq * d)  # (N, Hq D)
-                x = torch.addmm(x, att, g.o_t)  # (N, H)
+                x = x.addmm_(att, g.o_t)  # (N, H): the residual stream, updated in place
                 h = rms(x, g.ln2)
                 gate, up = torch.mm(h, g.gate_up_t).chunk(2, dim=-1)  # (N, I) each
-                x = torch.addmm(x, _swiglu(gate, up), g.down_t)  # (N, H)
+                x = x.addmm_(_swiglu(gate, up), g.down_t)  # (N, H)
             h = rms(x, norm)
             logits = torch.mm(h, head).float()  # (N, V)
         out = torch.stack(tokens, dim=1)  # (N, steps)

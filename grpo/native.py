@@ -53,7 +53,7 @@ class NativeKernels:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-        self._attention = self._typed(lib.grpo_decode_attention, [ptr] * 7 + [i32, i32, ptr, ptr, i32, i32, ptr] + [i32] * 4 + [f32, i32])
+        self._attention = self._typed(lib.grpo_decode_attention, [ptr] * 8 + [i32, i32, ptr, ptr, i32, i32, ptr] + [i32] * 4 + [f32, i32])
         self._attention.restype = i32
         self._swiglu = self._typed(lib.grpo_swiglu, [ptr, ptr, i64, ptr, i64, i32, i32])
         self._swiglu_backward = self._typed(lib.grpo_swiglu_backward, [ptr] * 5 + [i64, i32, i32])
@@ -280,6 +280,7 @@ class NativeKernels:
     def decode_attention(
         self,
         qkv: Tensor,
+        bias: Tensor,
         cos: Tensor,
         signed_sin: Tensor,
         prompt_k: Tensor,
@@ -292,16 +293,18 @@ class NativeKernels:
         slot: int,
         scale: float,
     ) -> Tensor:
-        """One decode step: qkv (N, (Hq + 2 Hkv) D), cos / signed_sin (N, D); the keys/values of
+        """One decode step: qkv (N, (Hq + 2 Hkv) D) without its bias ((Hq + 2 Hkv) D,), cos /
+        signed_sin (N, D); the keys/values of
         the U distinct prompts (U, Hkv, P, D) with their additive mask (U, P) and each row's
         prompt `prompt_of` (N,) int64; the generated keys/values (N, Hkv, S, D), slot `slot`
         written -> out (N, Hq D): attention over the row's prompt and generated slots 0..slot."""
         n, hkv, span, d = k_cache.shape
         u, plen = prompt_mask.shape
         hq = out.shape[1] // d
-        tensors = (qkv, cos, signed_sin, prompt_k, prompt_v, prompt_mask, k_cache, v_cache, out)
+        tensors = (qkv, bias, cos, signed_sin, prompt_k, prompt_v, prompt_mask, k_cache, v_cache, out)
         if (
             qkv.shape != (n, (hq + 2 * hkv) * d)
+            or bias.shape != qkv.shape[1:]
             or v_cache.shape != k_cache.shape
             or prompt_k.shape != (u, hkv, plen, d)
             or prompt_v.shape != prompt_k.shape
@@ -316,8 +319,8 @@ class NativeKernels:
         if prompt_of.dtype != torch.int64 or not prompt_of.is_contiguous() or prompt_of.device.type != "cpu":
             raise ValueError("decode_attention: prompt_of must be a contiguous int64 CPU tensor")
         done = self._attention(
-            qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), prompt_k.data_ptr(), prompt_v.data_ptr(),
-            prompt_mask.data_ptr(), prompt_of.data_ptr(), u, plen, k_cache.data_ptr(), v_cache.data_ptr(), span, slot,
+            qkv.data_ptr(), bias.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), prompt_k.data_ptr(),
+            prompt_v.data_ptr(), prompt_mask.data_ptr(), prompt_of.data_ptr(), u, plen, k_cache.data_ptr(), v_cache.data_ptr(), span, slot,
             out.data_ptr(), n, hq, hkv, d, scale, torch.get_num_threads(),
         )  # fmt: skip
         if done != 0:
@@ -384,15 +387,19 @@ def _self_check(kernels: NativeKernels) -> None:
     """A small attention step against torch's operators; raises RuntimeError on disagreement."""
     g = torch.Generator().manual_seed(0)
     n, hq, hkv, d, plen, span, slot = 3, 4, 2, 8, 3, 6, 4
-    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
+    qkv, bias = torch.randn(n, (hq + 2 * hkv) * d, generator=g), torch.randn((hq + 2 * hkv) * d, generator=g)
     cos, sin = torch.rand(n, d, generator=g), torch.rand(n, d, generator=g)
     pk, pv = torch.randn(2, hkv, plen, d, generator=g), torch.randn(2, hkv, plen, d, generator=g)
     pmask = torch.zeros(2, plen)
     pmask[1, :2] = float("-inf")
     prompt_of = torch.tensor([1, 0, 1])
     kc, vc = torch.randn(n, hkv, span, d, generator=g), torch.randn(n, hkv, span, d, generator=g)
-    want = reference_decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of, kc.clone(), vc.clone(), hq, slot, d**-0.5)
-    out = kernels.decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of, kc, vc, torch.empty(n, hq * d), slot, d**-0.5)
+    want = reference_decode_attention(
+        qkv + bias, cos, sin, pk, pv, pmask, prompt_of, kc.clone(), vc.clone(), hq, slot, d**-0.5
+    )
+    out = kernels.decode_attention(
+        qkv, bias, cos, sin, pk, pv, pmask, prompt_of, kc, vc, torch.empty(n, hq * d), slot, d**-0.5
+    )
     if not torch.allclose(out, want, rtol=1e-4, atol=1e-5):
         raise RuntimeError("the compiled kernel disagrees with torch on a test step")
 
@@ -401,7 +408,8 @@ def reference_decode_attention(
     qkv: Tensor, cos: Tensor, signed_sin: Tensor, prompt_k: Tensor, prompt_v: Tensor, prompt_mask: Tensor,
     prompt_of: Tensor, k_cache: Tensor, v_cache: Tensor, hq: int, slot: int, scale: float,
 ) -> Tensor:  # fmt: skip
-    """`NativeKernels.decode_attention` in torch operators (writes the caches too) -> (N, Hq D)."""
+    """`NativeKernels.decode_attention` in torch operators for qkv with its bias added (writes the
+    caches too) -> (N, Hq D)."""
     n, hkv, _, d = k_cache.shape
     heads = qkv.view(n, hq + 2 * hkv, d)  # (N, Hq + 2 Hkv, D)
     qk = heads[:, : hq + hkv]  # (N, Hq + Hkv, D)

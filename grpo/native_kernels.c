@@ -74,21 +74,27 @@ static inline __attribute__((always_inline)) void score_keys(const float *qr, co
     }
 }
 
-/* One row's key/value head h: rotate and store its new key and value in slot `slot` of its
+/* One row's key/value head h: bias, rotate and store its new key and value in slot `slot` of its
  * generated keys/values, then its rep = Hq / Hkv queries attend to the P keys of its prompt
  * (pkeys, pvalues, additive mask pm) and to generated slots 0..slot. q (rep, D), acc (D),
  * scores (rep, P + slot + 1) are the thread's scratch. Inlined with D a constant for the common
  * head sizes, so the D-long loops unroll, vectorise and keep one query's sums in registers.
  * Masked keys (-inf) get weight exactly 0. */
 static inline __attribute__((always_inline)) void attend_block(
-    const float *x, const float *c, const float *s, const float *pkeys, const float *pvalues, const float *pm,
-    const int plen, float *keys, float *values, float *o, float *q, float *acc, float *scores, const int hq,
-    const int hkv, const int h, const int d, const int slot, const float scale)
+    const float *x, const float *bias, const float *c, const float *s, const float *pkeys, const float *pvalues,
+    const float *pm, const int plen, float *keys, float *values, float *o, float *q, float *acc, float *scores,
+    const int hq, const int hkv, const int h, const int d, const int slot, const float scale)
 {
     const int rep = hq / hkv, len = plen + slot + 1;
-    rotate(x + (size_t)(hq + h) * d, c, s, 1.0f, keys + (size_t)slot * d, d);
-    memcpy(values + (size_t)slot * d, x + (size_t)(hq + hkv + h) * d, sizeof(float) * d);
-    for (int r = 0; r < rep; r++) rotate(x + (size_t)(h * rep + r) * d, c, s, scale, q + (size_t)r * d, d);
+    const size_t at_k = (size_t)(hq + h) * d, at_v = (size_t)(hq + hkv + h) * d;
+    for (int e = 0; e < d; e++) acc[e] = x[at_k + e] + bias[at_k + e]; /* the key, biased */
+    rotate(acc, c, s, 1.0f, keys + (size_t)slot * d, d);
+    for (int e = 0; e < d; e++) values[(size_t)slot * d + e] = x[at_v + e] + bias[at_v + e];
+    for (int r = 0; r < rep; r++) {
+        const size_t at_q = (size_t)(h * rep + r) * d;
+        for (int e = 0; e < d; e++) acc[e] = x[at_q + e] + bias[at_q + e];
+        rotate(acc, c, s, scale, q + (size_t)r * d, d);
+    }
 
     for (int r = 0; r < rep; r++) {
         const float *qr = q + (size_t)r * d;
@@ -121,6 +127,7 @@ static inline __attribute__((always_inline)) void attend_block(
 /* One decode step of attention for every row, as grpo.fastpath.FastQwen2.generate does it with
  * torch operators:
  *   qkv  (N, (Hq + 2 Hkv) D)  this step's projections: the Hq query heads, Hkv keys, Hkv values
+ *   bias ((Hq + 2 Hkv) D)     their bias, added here
  *   cos_, ssin (N, D)         rotary tables at each row's position (rotate_half's sign in ssin)
  *   pk, pv (U, Hkv, P, D)     the keys/values of the U distinct prompts, read by all their rows
  *   pmask (U, P)              additive: 0 for a prompt token, -inf for its padding
@@ -131,9 +138,10 @@ static inline __attribute__((always_inline)) void attend_block(
  * `threads` OpenMP threads; the rows of one prompt are neighbours, so its keys/values are read
  * from memory once and from cache after that, and the next block's generated keys and values
  * are prefetched while one is computed. */
-int grpo_decode_attention(const float *qkv, const float *cos_, const float *ssin, const float *pk, const float *pv,
-                          const float *pmask, const long *prompt, int u, int plen, float *kc, float *vc, int span,
-                          int slot, float *out, int n, int hq, int hkv, int d, float scale, int threads)
+int grpo_decode_attention(const float *qkv, const float *bias, const float *cos_, const float *ssin, const float *pk,
+                          const float *pv, const float *pmask, const long *prompt, int u, int plen, float *kc,
+                          float *vc, int span, int slot, float *out, int n, int hq, int hkv, int d, float scale,
+                          int threads)
 {
     for (int i = 0; i < n; i++)
         if (prompt[i] < 0 || prompt[i] >= u) return -1;
@@ -162,13 +170,13 @@ int grpo_decode_attention(const float *qkv, const float *cos_, const float *ssin
             const float *pm = pmask + (size_t)u * plen;
             float *o = out + (size_t)i * hq * d + (size_t)h * rep * d;
             if (d == 64)
-                attend_block(x, c, s, pkeys, pvalues, pm, plen, keys, values, o, q, acc, scores, hq, hkv, h, 64,
+                attend_block(x, bias, c, s, pkeys, pvalues, pm, plen, keys, values, o, q, acc, scores, hq, hkv, h, 64,
                              slot, scale);
             else if (d == 128)
-                attend_block(x, c, s, pkeys, pvalues, pm, plen, keys, values, o, q, acc, scores, hq, hkv, h, 128,
+                attend_block(x, bias, c, s, pkeys, pvalues, pm, plen, keys, values, o, q, acc, scores, hq, hkv, h, 128,
                              slot, scale);
             else
-                attend_block(x, c, s, pkeys, pvalues, pm, plen, keys, values, o, q, acc, scores, hq, hkv, h, d,
+                attend_block(x, bias, c, s, pkeys, pvalues, pm, plen, keys, values, o, q, acc, scores, hq, hkv, h, d,
                              slot, scale);
         }
         free(q);

@@ -49,7 +49,7 @@ def test_decode_attention_matches_torch(native: NativeKernels, threads: int, hq:
     their own generated slots, one of which each step writes."""
     g = torch.Generator().manual_seed(hq * d)
     n, u, plen, span = 7, 3, 6, 30
-    qkv = torch.randn(n, (hq + 2 * hkv) * d, generator=g)
+    qkv, bias = torch.randn(n, (hq + 2 * hkv) * d, generator=g), torch.randn((hq + 2 * hkv) * d, generator=g)
     cos, sin = torch.rand(n, d, generator=g), torch.rand(n, d, generator=g) - 0.5
     pk, pv = torch.randn(u, hkv, plen, d, generator=g), torch.randn(u, hkv, plen, d, generator=g)
     pmask = torch.zeros(u, plen)
@@ -59,25 +59,30 @@ def test_decode_attention_matches_torch(native: NativeKernels, threads: int, hq:
     kc, vc = torch.randn(n, hkv, span, d, generator=g), torch.randn(n, hkv, span, d, generator=g)
     for slot in (0, 17, span - 1):
         k_ref, v_ref = kc.clone(), vc.clone()
-        want = reference_decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of, k_ref, v_ref, hq, slot, d**-0.5)
-        out = native.decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of, kc, vc, torch.empty(n, hq * d), slot, d**-0.5)
+        want = reference_decode_attention(qkv + bias, cos, sin, pk, pv, pmask, prompt_of, k_ref, v_ref, hq, slot, d**-0.5)
+        out = native.decode_attention(
+            qkv, bias, cos, sin, pk, pv, pmask, prompt_of, kc, vc, torch.empty(n, hq * d), slot, d**-0.5
+        )
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kc, k_ref, rtol=1e-6, atol=1e-6)  # the slot written, the rest kept
         assert torch.equal(vc, v_ref)
     out = torch.empty(n, hq * d)
     with pytest.raises(ValueError, match="shapes"):
-        native.decode_attention(qkv[:, :-1], cos, sin, pk, pv, pmask, prompt_of, kc, vc, out, 3, 1.0)
+        native.decode_attention(qkv[:, :-1], bias, cos, sin, pk, pv, pmask, prompt_of, kc, vc, out, 3, 1.0)
     with pytest.raises(ValueError, match="shapes"):
-        native.decode_attention(qkv, cos[:-1], sin, pk, pv, pmask, prompt_of, kc, vc, out, 3, 1.0)
+        native.decode_attention(qkv, bias, cos[:-1], sin, pk, pv, pmask, prompt_of, kc, vc, out, 3, 1.0)
     with pytest.raises(ValueError, match="shapes"):
-        native.decode_attention(qkv, cos, sin, pk[:, :, :-1], pv, pmask, prompt_of, kc, vc, out, 3, 1.0)
+        native.decode_attention(qkv, bias, cos, sin, pk[:, :, :-1], pv, pmask, prompt_of, kc, vc, out, 3, 1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        native.decode_attention(qkv, bias[:-1], cos, sin, pk, pv, pmask, prompt_of, kc, vc, out, 3, 1.0)
     with pytest.raises(ValueError, match="contiguous"):
-        native.decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of, kc.transpose(2, 3).contiguous().transpose(2, 3),
+        native.decode_attention(qkv, bias, cos, sin, pk, pv, pmask, prompt_of, kc.transpose(2, 3).contiguous().transpose(2, 3),
                                 vc, out, 3, 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="outside 0..2"):
-        native.decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of + 1, kc, vc, out, 3, 1.0)
+        native.decode_attention(qkv, bias, cos, sin, pk, pv, pmask, prompt_of + 1, kc, vc, out, 3, 1.0)
     with pytest.raises(ValueError, match="int64"):
-        native.decode_attention(qkv, cos, sin, pk, pv, pmask, prompt_of.int(), kc, vc, out, 3, 1.0)
+        native.decode_attention(qkv, bias, cos, sin, pk, pv, pmask, prompt_of.int(), kc, vc, out, 3, 1.0)
+
 
 @pytest.mark.parametrize(
     "hq, hkv, d, length, prefix, shared",
