@@ -21,6 +21,14 @@ Kernels (float32 CPU tensors; see the C source for each):
 - `rotary`: the rotary embedding (or its transpose, the backward) in one pass.
 - `lora_drop_xa` / `lora_drop_backward`: LoRA dropout as corrections of the undropped products,
   at the dropped entries only.
+- `attention` / `attention_backward`: attention over whole sequences (the log-prob passes),
+  reading each row's prompt keys/values in place.
+- `dropped_positions`: the positions LoRA dropout drops, from one seed.
+
+`mkl_gemm()` is the other native path: MKL's packed GEMM (`cblas_sgemm_pack` /
+`cblas_sgemm_compute`) from the MKL that torch's CPU library carries, for the decode step's
+products with weights that stay fixed through a generation (packed once per generation, not
+repacked by every call). It returns None where torch has no MKL.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +431,80 @@ def reference_decode_attention(
     mask = F.pad(prompt_mask[prompt_of], (0, slot + 1))  # (N, P + slot + 1)
     att = q @ keys.transpose(-1, -2) * scale + mask[:, None, None]  # (N, Hkv, rep, L)
     return (att.softmax(-1) @ values).reshape(n, hq * d)  # (N, Hq D)
+
+
+@dataclass
+class PackedMatrix:
+    """A (K, N) float32 matrix in MKL's packed GEMM layout (opaque bytes) for products x @ it."""
+
+    buffer: Tensor
+    k: int
+    n: int
+
+
+class MklGemm:
+    """MKL's packed GEMM through ctypes: `pack` a (K, N) right-hand side once, then `mm` many
+    (M, K) left-hand sides by it. Same MKL kernels as torch.mm, so the same results."""
+
+    ROW_MAJOR, NO_TRANS, PACKED, B_MATRIX = 101, 111, 151, 162  # CBLAS enums
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i32, f32, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        self._size = lib.cblas_sgemm_pack_get_size
+        self._size.restype, self._size.argtypes = ctypes.c_size_t, [i32] * 4
+        self._pack = lib.cblas_sgemm_pack
+        self._pack.restype, self._pack.argtypes = None, [i32] * 6 + [f32, ptr, i32, ptr]
+        self._compute = lib.cblas_sgemm_compute
+        self._compute.restype, self._compute.argtypes = None, [i32] * 6 + [ptr, i32, ptr, i32, f32, ptr, i32]
+
+    def pack(self, w: Tensor, rows: int) -> PackedMatrix:
+        """w (K, N), float32 CPU, packed for products with about `rows` rows (any row count runs)."""
+        if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
+            raise ValueError("pack: a 2-D float32 CPU matrix")
+        w = w.contiguous()
+        k, n = w.shape
+        size = self._size(self.B_MATRIX, rows, n, k)
+        buffer = torch.empty((size + 3) // 4, dtype=torch.float32)
+        self._pack(self.ROW_MAJOR, self.B_MATRIX, self.NO_TRANS, rows, n, k, 1.0, w.data_ptr(), n, buffer.data_ptr())
+        return PackedMatrix(buffer, k, n)
+
+    def mm(self, x: Tensor, b: PackedMatrix, out: Tensor | None = None) -> Tensor:
+        """x (M, K) @ b -> a new (M, N) tensor, or added into `out` (M, N) in place."""
+        m = x.shape[0]
+        if x.shape != (m, b.k) or not x.is_contiguous() or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"mm: x must be a contiguous float32 CPU ({m}, {b.k})")
+        if out is not None and (out.shape != (m, b.n) or not out.is_contiguous() or out.dtype != torch.float32):
+            raise ValueError(f"mm: out must be a contiguous float32 ({m}, {b.n})")
+        beta = 0.0 if out is None else 1.0
+        out = torch.empty(m, b.n, dtype=torch.float32) if out is None else out
+        self._compute(
+            self.ROW_MAJOR, self.NO_TRANS, self.PACKED, m, b.n, b.k, x.data_ptr(), b.k, b.buffer.data_ptr(), b.n, beta,
+            out.data_ptr(), b.n,
+        )  # fmt: skip
+        return out
+
+
+@functools.cache
+def mkl_gemm() -> MklGemm | None:
+    """MKL's packed GEMM from torch's CPU library, checked against torch.mm; None where torch has
+    no MKL (or `GRPO_NATIVE=0`)."""
+    if os.environ.get("GRPO_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        gemm = MklGemm(lib)
+        g = torch.Generator().manual_seed(0)
+        x, w, acc = torch.randn(5, 7, generator=g), torch.randn(7, 9, generator=g), torch.randn(5, 9, generator=g)
+        packed = gemm.pack(w, 5)
+        ok = torch.allclose(gemm.mm(x, packed), x @ w, rtol=1e-5, atol=1e-5) and torch.allclose(
+            gemm.mm(x, packed, acc.clone()), acc + x @ w, rtol=1e-5, atol=1e-5
+        )
+    except (OSError, AttributeError, RuntimeError) as exc:
+        log.info("MKL packed GEMM unavailable, using torch.mm: %s", exc)
+        return None
+    return gemm if ok else None
 
 
 @functools.cache

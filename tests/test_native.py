@@ -309,3 +309,50 @@ def test_dropped_positions_are_a_function_of_the_seed(native: NativeKernels) -> 
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="must be in"):
             native.dropped_positions(n, bad, 1)
+
+
+def test_mkl_packed_gemm_matches_torch() -> None:
+    """A packed right-hand side multiplies any row count as torch.mm does, into a new tensor or
+    added into one; wrong shapes are refused."""
+    from grpo.native import mkl_gemm
+
+    gemm = mkl_gemm()
+    if gemm is None:
+        pytest.skip("torch has no MKL here")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 80, generator=g)
+    packed = gemm.pack(w, rows=16)
+    for m in (1, 16, 33):
+        x, acc = torch.randn(m, 48, generator=g), torch.randn(m, 80, generator=g)
+        torch.testing.assert_close(gemm.mm(x, packed), x @ w, rtol=1e-5, atol=1e-5)
+        into = acc.clone()
+        assert gemm.mm(x, packed, into) is into
+        torch.testing.assert_close(into, acc + x @ w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="x must be"):
+        gemm.mm(torch.randn(4, 47), packed)
+    with pytest.raises(ValueError, match="out must be"):
+        gemm.mm(torch.randn(4, 48), packed, torch.randn(4, 79))
+
+
+def test_packed_decode_samples_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generation with the decode weights packed for MKL (forced on a tiny model) and without:
+    the same tokens."""
+    from grpo.native import mkl_gemm
+
+    if mkl_gemm() is None or kernels() is None:
+        pytest.skip("no MKL or no native kernels here")
+    path = build_tiny_model(tmp_path / "tiny", seed=4, hidden_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, intermediate_size=128)  # fmt: skip
+    model, tok = random_lora_policy(path)
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0)
+
+    def tokens() -> torch.Tensor:
+        gen = fastpath.FastGenerator(model, tok, cfg)
+        return gen.generate(["nums: 1 2 3 target: 6\n", "x"], 3, generator=torch.Generator().manual_seed(0)).completion_ids
+
+    monkeypatch.setattr(fastpath.FastQwen2, "PACK_MIN_ENTRIES", 0)
+    packed = tokens()
+    fast = fastpath.FastQwen2(model)
+    assert all(len(layer) == 4 for layer in fast._decode_packs(mkl_gemm(), 6)[:-1])  # everything packed
+    monkeypatch.setattr(fastpath, "mkl_gemm", lambda: None)
+    assert torch.equal(packed, tokens())
