@@ -819,10 +819,11 @@ class FastQwen2:
             return cached[2]
         weights = [{name: getattr(g, name + "_t") for name in ("qkv", "o", "gate_up", "down")} for g in self.gen_layers]
         weights[-1]["head"] = self.lm_head_gen
-        packs = [
-            {name: gemm.pack(w, rows) for name, w in layer.items() if w.numel() >= self.PACK_MIN_ENTRIES}
-            for layer in weights
-        ]
+        chosen = [(i, name, w) for i, layer in enumerate(weights) for name, w in layer.items()
+                  if w.numel() >= self.PACK_MIN_ENTRIES]  # fmt: skip
+        packs: list[dict[str, PackedMatrix]] = [{} for _ in weights]
+        for (i, name, _), packed in zip(chosen, gemm.pack([w for _, _, w in chosen], rows)):
+            packs[i][name] = packed
         self._packs = (self.gen_layers, rows, packs)
         return packs
 

@@ -457,16 +457,26 @@ class MklGemm:
         self._compute = lib.cblas_sgemm_compute
         self._compute.restype, self._compute.argtypes = None, [i32] * 6 + [ptr, i32, ptr, i32, f32, ptr, i32]
 
-    def pack(self, w: Tensor, rows: int) -> PackedMatrix:
-        """w (K, N), float32 CPU, packed for products with about `rows` rows (any row count runs)."""
-        if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
-            raise ValueError("pack: a 2-D float32 CPU matrix")
-        w = w.contiguous()
-        k, n = w.shape
-        size = self._size(self.B_MATRIX, rows, n, k)
-        buffer = torch.empty((size + 3) // 4, dtype=torch.float32)
-        self._pack(self.ROW_MAJOR, self.B_MATRIX, self.NO_TRANS, rows, n, k, 1.0, w.data_ptr(), n, buffer.data_ptr())
-        return PackedMatrix(buffer, k, n)
+    def pack(self, weights: list[Tensor], rows: int) -> list[PackedMatrix]:
+        """Each w (K, N), float32 CPU, packed for products with about `rows` rows (any row count
+        runs). MKL asks for several MB per matrix and writes only part of it, so the packs share
+        one allocation, which is mapped apart from the heap (untouched pages cost no memory) and
+        returned whole when the last pack goes."""
+        for w in weights:
+            if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu":
+                raise ValueError("pack: 2-D float32 CPU matrices")
+        sizes = [(self._size(self.B_MATRIX, rows, w.shape[1], w.shape[0]) + 63) // 64 * 16 for w in weights]  # floats
+        buffer = torch.empty(sum(sizes) + 16, dtype=torch.float32)
+        start = (-buffer.data_ptr() // 4) % 16  # 64-byte aligned
+        packs = []
+        for w, size in zip(weights, sizes):
+            w = w.contiguous()
+            k, n = w.shape
+            dest = buffer[start : start + size]
+            self._pack(self.ROW_MAJOR, self.B_MATRIX, self.NO_TRANS, rows, n, k, 1.0, w.data_ptr(), n, dest.data_ptr())
+            packs.append(PackedMatrix(dest, k, n))
+            start += size
+        return packs
 
     def mm(self, x: Tensor, b: PackedMatrix, out: Tensor | None = None) -> Tensor:
         """x (M, K) @ b -> a new (M, N) tensor, or added into `out` (M, N) in place."""
@@ -497,7 +507,7 @@ def mkl_gemm() -> MklGemm | None:
         gemm = MklGemm(lib)
         g = torch.Generator().manual_seed(0)
         x, w, acc = torch.randn(5, 7, generator=g), torch.randn(7, 9, generator=g), torch.randn(5, 9, generator=g)
-        packed = gemm.pack(w, 5)
+        (packed,) = gemm.pack([w], 5)
         ok = torch.allclose(gemm.mm(x, packed), x @ w, rtol=1e-5, atol=1e-5) and torch.allclose(
             gemm.mm(x, packed, acc.clone()), acc + x @ w, rtol=1e-5, atol=1e-5
         )

@@ -321,7 +321,8 @@ def test_mkl_packed_gemm_matches_torch() -> None:
         pytest.skip("torch has no MKL here")
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 80, generator=g)
-    packed = gemm.pack(w, rows=16)
+    packed, again = gemm.pack([w, w[:20]], rows=16)  # two packs in one allocation
+    torch.testing.assert_close(gemm.mm(torch.ones(2, 20), again), torch.ones(2, 20) @ w[:20], rtol=1e-5, atol=1e-5)
     for m in (1, 16, 33):
         x, acc = torch.randn(m, 48, generator=g), torch.randn(m, 80, generator=g)
         torch.testing.assert_close(gemm.mm(x, packed), x @ w, rtol=1e-5, atol=1e-5)
