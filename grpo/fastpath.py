@@ -42,9 +42,11 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   the adapter's thin ones, the backward's in-place accumulation) through torch's own GEMM, which
   measured as quick or quicker for them.
 - on CPU in float32, the decode step's rotary embedding + cache write + attention, SwiGLU,
-  RMSNorm and the rotary embedding (forward and backward), and the LoRA dropout (as corrections
-  of one shared x A^T product) run as the native kernels of `grpo.native` when they build here
-  (one pass each instead of a chain of small operators); otherwise as torch operators.
+  RMSNorm and the rotary embedding (forward and backward), the log-prob passes' attention, the
+  LoRA dropout (as corrections of one shared x A^T product) and the inverse-CDF token draw run
+  as the native kernels of `grpo.native` when they build here (one pass each instead of a chain
+  of small operators); otherwise as torch operators. The decode step's products with the
+  generation weights go through MKL's packed GEMM (`grpo.native.mkl_gemm`) where torch has MKL.
 
 `supports(model)` names what is covered; any other model (other architecture, other adapter types,
 rope scaling, sliding windows, merged adapters) returns False and callers use the Hugging Face path.
@@ -1129,10 +1131,17 @@ class FastQwen2:
         pad_tok = torch.full((n,), pad_id, dtype=torch.long, device=dev)  # (N,)
         qk_dim = (hq + hkv) * d
         embed, norm, rms = self.embed, self.norm, self._rms
+        # the native sampler draws pick_tokens' inverse-CDF token (no top-k / top-p) in one pass,
+        # from the same uniforms of `generator`
+        one_pass = native is not None and sampler == "inverse_cdf" and not greedy and top_k == 0 and top_p >= 1.0
         for t in range(t_max):
-            if t < min_new_tokens and stop.numel():
-                logits = logits + no_stop  # (N, V)
-            token = pick_tokens(logits, greedy, generator, temperature, top_k, top_p, sampler)  # (N,)
+            block = t < min_new_tokens and stop.numel() > 0  # the stop tokens get -inf
+            if one_pass:
+                u = torch.rand(n, 1, dtype=torch.float64, generator=generator)  # (N, 1)
+                token = native.sample_inverse_cdf(logits, no_stop if block else None, temperature, u)  # (N,)
+            else:
+                logits = logits + no_stop if block else logits  # (N, V)
+                token = pick_tokens(logits, greedy, generator, temperature, top_k, top_p, sampler)  # (N,)
             if t >= min_new_tokens:  # before that, no row can stop
                 token = torch.where(finished, pad_tok, token)  # (N,)
                 hit = torch.isin(token, stop) & ~finished  # (N,)

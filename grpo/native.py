@@ -24,6 +24,7 @@ Kernels (float32 CPU tensors; see the C source for each):
 - `attention` / `attention_backward`: attention over whole sequences (the log-prob passes),
   reading each row's prompt keys/values in place.
 - `dropped_positions`: the positions LoRA dropout drops, from one seed.
+- `sample_inverse_cdf`: a decode step's token draw (softmax, cumulative mass, search) in one pass.
 
 `mkl_gemm()` is the other native path: MKL's packed GEMM (`cblas_sgemm_pack` /
 `cblas_sgemm_compute`) from the MKL that torch's CPU library carries, for the decode step's
@@ -83,6 +84,8 @@ class NativeKernels:
             heads + [ptr] + heads * 3 + [ptr, i32, i32] + heads * 2 + [ptr] * 5 + [i32] * 6 + [f32, i32],
         )
         self._attn_backward.restype = i32
+        self._sample = self._typed(lib.grpo_sample_inverse_cdf, [ptr, ptr, f32, ptr, ptr, i32, i32, i32])
+        self._sample.restype = i32
         self._dropped_positions = self._typed(lib.grpo_dropped_positions, [ctypes.c_uint64, i64, f32, ptr, i64])
         self._dropped_positions.restype = i64
 
@@ -249,6 +252,25 @@ class NativeKernels:
         if done != 0:
             raise ValueError("attention_backward: prompt_of holds an index outside the prompts")
         return dq.transpose(1, 2), dk, dv, dpk, dpv
+
+    def sample_inverse_cdf(self, logits: Tensor, bias: Tensor | None, temperature: float, u: Tensor) -> Tensor:
+        """One token per row (N,) int64 drawn from softmax((logits + bias) / temperature) by inverse
+        CDF with the uniforms u (N, 1) float64: `grpo.rollout.pick_tokens`' inverse_cdf sampler
+        (no top-k / top-p) in one pass. logits (N, V) contiguous float32, bias (V,) or None."""
+        n, v = logits.shape
+        if not (self.runs_on(logits) and logits.is_contiguous()) or (bias is not None and bias.shape != (v,)):
+            raise ValueError("sample_inverse_cdf: contiguous float32 CPU logits (N, V), bias (V,) or None")
+        if u.shape != (n, 1) or u.dtype != torch.float64 or not u.is_contiguous() or u.device.type != "cpu":
+            raise ValueError("sample_inverse_cdf: u must be contiguous float64 CPU (N, 1)")
+        bias = bias.contiguous() if bias is not None else None
+        out = torch.empty(n, dtype=torch.int64)
+        empty = self._sample(
+            logits.data_ptr(), bias.data_ptr() if bias is not None else None, temperature, u.data_ptr(), out.data_ptr(),
+            n, v, torch.get_num_threads(),
+        )  # fmt: skip
+        if empty:
+            raise ValueError(f"sample_inverse_cdf: {empty} row(s) give every token zero probability (all -inf or NaN)")
+        return out
 
     def dropped_positions(self, n: int, p: float, seed: int) -> Tensor:
         """Ascending flat positions (k,) int64 of the entries that dropout with drop probability

@@ -187,6 +187,66 @@ int grpo_decode_attention(const float *qkv, const float *bias, const float *cos_
     return 0;
 }
 
+/* One categorical draw per row from softmax((logits + bias) / temperature) by inverse CDF: the
+ * first token whose cumulative mass (float64, unnormalised) exceeds u[i] times the total (kept
+ * below the total), so tokens of zero mass are never drawn. logits (N, V) contiguous, bias (V)
+ * or NULL, u (N) uniforms in [0, 1), out (N); returns the number of rows where every token
+ * has zero mass (their out is -1). The masses are summed in blocks of 16 (independent
+ * sums, then a running sum over the blocks, then within the chosen block) rather than in one
+ * chain of V dependent additions. Same draw as grpo.rollout.pick_tokens' inverse_cdf sampler up
+ * to float rounding. */
+int grpo_sample_inverse_cdf(const float *logits, const float *bias, float temperature, const double *u, long *out,
+                            int n, int v, int threads)
+{
+    const int blocks = (v + 15) / 16;
+    int empty = 0; /* rows without a token of positive mass */
+#pragma omp parallel num_threads(threads) if ((long)n * v >= 16384)
+    {
+        FLUSH_DENORMALS_BEGIN
+        float *x = malloc(sizeof(float) * (size_t)v);
+        double *sums = malloc(sizeof(double) * (size_t)blocks);
+#pragma omp for schedule(static)
+        for (int i = 0; i < n; i++) {
+            const float *row = logits + (size_t)i * v;
+            float top = -INFINITY;
+            for (int j = 0; j < v; j++) {
+                float xj = bias ? row[j] + bias[j] : row[j];
+                if (temperature != 1.0f) xj /= temperature;
+                x[j] = xj;
+                top = xj > top ? xj : top;
+            }
+#pragma omp simd
+            for (int j = 0; j < v; j++) x[j] = x[j] == -INFINITY ? 0.0f : exp_vec(x[j] - top);
+            double total = 0.0;
+            for (int b = 0; b < blocks; b++) {
+                double sum = 0.0;
+                for (int j = b * 16; j < v && j < b * 16 + 16; j++) sum += x[j];
+                sums[b] = sum;
+                total += sum;
+            }
+            const double below = nextafter(total, 0.0), target = u[i] * total < below ? u[i] * total : below;
+            double before = 0.0; /* the mass of the blocks before block b: the partial sums of total */
+            int b = 0;
+            while (b < blocks - 1 && before + sums[b] <= target) before += sums[b++];
+            long pick = -1;
+            for (int j = b * 16; j < v && j < b * 16 + 16; j++) {
+                if (x[j] > 0.0f) pick = j; /* rounding may leave the running sum short: its last token */
+                before += x[j];
+                if (before > target && x[j] > 0.0f) break;
+            }
+            out[i] = pick;
+            if (pick < 0) {
+#pragma omp atomic
+                empty++;
+            }
+        }
+        free(x);
+        free(sums);
+        FLUSH_DENORMALS_END
+    }
+    return empty;
+}
+
 /* SwiGLU, silu(gate) * up, over `rows` rows of `width`: gate and up rows `stride` apart (they may
  * be the two halves of one (rows, 2 width) array), out contiguous (rows, width). */
 void grpo_swiglu(const float *gate, const float *up, long stride, float *out, long rows, int width, int threads)

@@ -357,3 +357,32 @@ def test_packed_decode_samples_the_same_tokens(tmp_path: Path, monkeypatch: pyte
     assert all(len(layer) == 4 for layer in fast._decode_packs(mkl_gemm(), 6)[:-1])  # everything packed
     monkeypatch.setattr(fastpath, "mkl_gemm", lambda: None)
     assert torch.equal(packed, tokens())
+
+
+def test_sampler_draws_pick_tokens_token(native: NativeKernels, threads: int) -> None:
+    """The one-pass inverse-CDF sampler picks what `pick_tokens` picks from the same uniforms
+    (a vocabulary not a multiple of 16, temperatures, the stop-token bias), never a token of
+    zero mass, and refuses rows where every token has zero mass."""
+    from grpo.rollout import pick_tokens
+
+    g = torch.Generator().manual_seed(0)
+    n, v = 600, 301
+    logits = torch.randn(n, v, generator=g) * 3
+    logits[:, 7] = float("-inf")
+    bias = torch.zeros(v)
+    bias[[0, 300]] = float("-inf")
+    for temperature, add in ((1.0, None), (0.7, bias)):
+        u = torch.rand(n, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        got = native.sample_inverse_cdf(logits, add, temperature, u)
+        want = pick_tokens(logits + (add if add is not None else 0), False, torch.Generator().manual_seed(1),
+                           temperature, sampler="inverse_cdf")  # fmt: skip
+        assert (got == want).float().mean() > 0.99  # float rounding may move a draw on a boundary
+        assert not bool(torch.isin(got, torch.tensor([7] if add is None else [0, 7, 300])).any())
+    edge = torch.full((2, v), float("-inf"))
+    edge[0, 5] = 0.0  # one token of mass: drawn for every u, even u just below 1
+    got = native.sample_inverse_cdf(edge[:1], None, 1.0, torch.tensor([[1 - 2**-53]], dtype=torch.float64))
+    assert got.tolist() == [5]
+    with pytest.raises(ValueError, match="zero probability"):
+        native.sample_inverse_cdf(edge, None, 1.0, torch.zeros(2, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float64"):
+        native.sample_inverse_cdf(logits, None, 1.0, torch.zeros(n, 1))
