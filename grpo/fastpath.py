@@ -29,18 +29,18 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   gradients land on them). The projections that read one input (q/k/v, gate/up) run as one
   autograd Function (`_LoraProjections`) whose backward accumulates a single input gradient in
   place; RMSNorm and the rotary embedding have hand-written backward passes with fewer passes
-  over memory, and attention is torch's fused kernel. The hidden states are sliced to the T
-  predicting positions before the final norm and lm_head, and the log-softmax is gathered chunk
-  by chunk through a logsumexp (no (N, T, V) autograd graph). With `share_prompts=True` (the
-  default) each distinct prompt of a block runs through the layers once and its keys/values are
-  repeated for its rows: the same function of the weights (autograd sums the gradient over the
-  group). One difference under LoRA
+  over memory, and attention keeps its softmax for the backward (native kernels; else torch's
+  fused kernel). The hidden states are sliced to the T predicting positions before the final
+  norm and lm_head, and the log-softmax is gathered chunk by chunk through a logsumexp (no
+  (N, T, V) autograd graph). With `share_prompts=True` (the default) each distinct prompt of a
+  block runs through the layers once and its rows attend to its keys/values: the same function
+  of the weights (autograd sums the gradient over the group). One difference under LoRA
   dropout: the G rows of a prompt then share that prompt's dropout mask (peft draws one per row).
 - on CPU, the forward products with the frozen base weights go through torch's oneDNN linear
   op (`torch.ops.mkldnn`, the op inductor emits) when it is available, the weights packed once
-  into its blocked layout (as inductor does for frozen weights); the other products (sampling,
-  the adapter's thin ones, the backward's in-place accumulation) through torch's own GEMM, which
-  measured as quick or quicker for them.
+  into its blocked layout (as inductor does for frozen weights); the adapter's thin products and
+  the backward's in-place accumulation through torch's own GEMM, which measured as quick or
+  quicker for them.
 - on CPU in float32, the decode step's rotary embedding + cache write + attention, SwiGLU,
   RMSNorm and the rotary embedding (forward and backward), the log-prob passes' attention, the
   LoRA dropout (as corrections of one shared x A^T product) and the inverse-CDF token draw run
