@@ -71,7 +71,7 @@ from torch import Tensor, nn
 
 from grpo.algorithm import in_row_blocks
 from grpo.config import GenerationConfig
-from grpo.native import MklGemm, NativeKernels, PackedMatrix, kernels, mkl_gemm
+from grpo.native import DecodeStep, MklGemm, NativeKernels, PackedMatrix, kernels, mkl_gemm
 from grpo.rollout import (
     SAMPLERS, Rollout, TransformersGenerator, _completion_texts, _unique, pick_tokens, tokenize_prompts,
 )
@@ -669,16 +669,6 @@ def _mm(x: Tensor, w_t: Tensor, bias: Tensor | None = None, add: Tensor | None =
     return out.view(*x.shape[:-1], w_t.shape[1])
 
 
-def _decode_mm(
-    x: Tensor, w_t: Tensor, gemm: MklGemm | None, packed: PackedMatrix | None, into: Tensor | None = None
-) -> Tensor:
-    """x (N, in) @ W^T (in, out) for a decode step -> a new (N, out), or added into `into` in
-    place: MKL's packed GEMM when the weight is packed (`FastQwen2._decode_packs`), else torch's."""
-    if gemm is not None and packed is not None:
-        return gemm.mm(x, packed, into)
-    return into.addmm_(x, w_t) if into is not None else torch.mm(x, w_t)
-
-
 class FastQwen2:
     """Functional Qwen2 decoder over a loaded (peft-wrapped) Qwen2ForCausalLM's own tensors."""
 
@@ -810,24 +800,36 @@ class FastQwen2:
                 dst.copy_(torch.addmm(w.t().float(), a.t().float(), b.t().float(), alpha=scale))
         return merged  # (in, sum of outs)
 
-    PACK_MIN_ENTRIES = 1 << 16  # smaller weights multiply quicker unpacked (MKL's small-matrix path)
-
     def _decode_packs(self, gemm: MklGemm, rows: int) -> list[dict[str, PackedMatrix]]:
         """The generation weights of every layer (qkv, o, gate_up, down) and the head ("head", in
-        the last entry) of at least PACK_MIN_ENTRIES entries, packed for MKL's GEMM with `rows`
-        rows (one more copy of them); kept until the next `sync`."""
+        the last entry), packed for MKL's GEMM with `rows` rows (one more copy of them); kept
+        until the next `sync`."""
         cached = getattr(self, "_packs", None)
         if cached is not None and cached[0] is self.gen_layers and cached[1] == rows:
             return cached[2]
         weights = [{name: getattr(g, name + "_t") for name in ("qkv", "o", "gate_up", "down")} for g in self.gen_layers]
         weights[-1]["head"] = self.lm_head_gen
-        chosen = [(i, name, w) for i, layer in enumerate(weights) for name, w in layer.items()
-                  if w.numel() >= self.PACK_MIN_ENTRIES]  # fmt: skip
+        names = [(i, name) for i, layer in enumerate(weights) for name in layer]
         packs: list[dict[str, PackedMatrix]] = [{} for _ in weights]
-        for (i, name, _), packed in zip(chosen, gemm.pack([w for _, _, w in chosen], rows)):
+        for (i, name), packed in zip(names, gemm.pack([weights[i][name] for i, name in names], rows)):
             packs[i][name] = packed
         self._packs = (self.gen_layers, rows, packs)
         return packs
+
+    def _decode_step(
+        self, native: NativeKernels, gemm: MklGemm, layer_caches: list[tuple[Tensor, ...]], prompt_mask: Tensor,
+        rows: Tensor,
+    ) -> DecodeStep:  # fmt: skip
+        """The whole decode step as one native call, over all weights packed for MKL."""
+        packs = self._decode_packs(gemm, rows.shape[0])
+        layers = [
+            {"ln1": g.ln1, "ln2": g.ln2, "qkv_bias": g.qkv_b, "prompt_k": pk, "prompt_v": pv, "k_cache": kc,
+             "v_cache": vc, **{name: pack[name] for name in ("qkv", "o", "gate_up", "down")}}
+            for g, pack, (pk, pv, kc, vc) in zip(self.gen_layers, packs, layer_caches)
+        ]  # fmt: skip
+        dims = {"n": rows.shape[0], "h": self.hidden_size, "inter": self.gen_layers[0].down_t.shape[0],
+                "hq": self.num_heads, "hkv": self.num_kv_heads, "d": self.head_dim}  # fmt: skip
+        return DecodeStep(native, gemm, layers, self.embed, self.norm, packs[-1]["head"], prompt_mask, rows, dims, self.eps)
 
     # -- building blocks ---------------------------------------------------------------------
 
@@ -1093,10 +1095,11 @@ class FastQwen2:
                 for k, v in kv
             ]  # fmt: skip
             att_out = torch.empty(n, hq * d, dtype=self.dtype, device=dev)  # (N, Hq D) its output
-            gemm = mkl_gemm()  # the products with the generation weights, packed once for this run
-            packs = self._decode_packs(gemm, n) if gemm is not None else [{} for _ in self.gen_layers]
+            # with MKL: the whole step (every layer, norm and head) in one native call
+            gemm = mkl_gemm()
+            step = self._decode_step(native, gemm, layer_caches, prompt_mask, rows) if gemm is not None else None
         else:
-            gemm, packs = None, [{} for _ in self.gen_layers]
+            step = None
             # -inf on prompt padding, 0 on real and new tokens; repeated for the key/value heads
             row_mask = torch.zeros(n, span, dtype=self.dtype, device=dev)  # (N, P+T)
             row_mask[:, :p].masked_fill_(u_mask.index_select(0, rows) == 0, float("-inf"))
@@ -1153,12 +1156,15 @@ class FastQwen2:
             # One decode step for all N rows: token t at slot t (native) or P + t (torch's caches).
             slot, length = p + t, p + t + 1
             c, s = cos[t], sin[t]  # (N, 1, D)
+            if step is not None:
+                logits = step(token, c, s, t)  # (N, V), overwritten by the next step
+                continue
             x = F.embedding(token, embed)  # (N, H)
-            for cache, g, pack in zip(layer_caches, layers, packs):
+            for cache, g in zip(layer_caches, layers):
                 h = rms(x, g.ln1)
                 if native is not None:  # the kernel adds the bias
                     pk, pv, kc, vc = cache
-                    qkv = _decode_mm(h, g.qkv_t, gemm, pack.get("qkv"))  # (N, (Hq + 2 Hkv) D)
+                    qkv = torch.mm(h, g.qkv_t)  # (N, (Hq + 2 Hkv) D)
                     att = native.decode_attention(
                         qkv, g.qkv_b, c, s, pk, pv, prompt_mask, rows, kc, vc, att_out, t, scale
                     )  # (N, Hq D)
@@ -1173,12 +1179,12 @@ class FastQwen2:
                     att = torch.baddbmm(add_mask[:, :, :length], q, keys_t[:, :, :length], alpha=scale)  # (N Hkv, rep, L)
                     att = torch.bmm(att.softmax(dim=-1), values[:, :length])  # (N Hkv, rep, D)
                     att = att.view(n, hq * d)  # (N, Hq D)
-                x = _decode_mm(att, g.o_t, gemm, pack.get("o"), into=x)  # (N, H): the residual, in place
+                x = x.addmm_(att, g.o_t)  # (N, H): the residual stream, updated in place
                 h = rms(x, g.ln2)
-                gate, up = _decode_mm(h, g.gate_up_t, gemm, pack.get("gate_up")).chunk(2, dim=-1)  # (N, I) each
-                x = _decode_mm(_swiglu(gate, up), g.down_t, gemm, pack.get("down"), into=x)  # (N, H)
+                gate, up = torch.mm(h, g.gate_up_t).chunk(2, dim=-1)  # (N, I) each
+                x = x.addmm_(_swiglu(gate, up), g.down_t)  # (N, H)
             h = rms(x, norm)
-            logits = _decode_mm(h, head, gemm, packs[-1].get("head")).float()  # (N, V)
+            logits = torch.mm(h, head).float()  # (N, V)
         out = torch.stack(tokens, dim=1)  # (N, steps)
         return out, lengths, finished
 

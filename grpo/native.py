@@ -84,6 +84,12 @@ class NativeKernels:
             heads + [ptr] + heads * 3 + [ptr, i32, i32] + heads * 2 + [ptr] * 5 + [i32] * 6 + [f32, i32],
         )
         self._attn_backward.restype = i32
+        self._decode_step = self._typed(
+            lib.grpo_decode_step,
+            [ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32, ptr, ptr, ptr] + [i32] * 7
+            + [f32, f32, ptr, ptr, i32],
+        )  # fmt: skip
+        self._decode_step.restype = i32
         self._sample = self._typed(lib.grpo_sample_inverse_cdf, [ptr, ptr, f32, ptr, ptr, i32, i32, i32])
         self._sample.restype = i32
         self._dropped_positions = self._typed(lib.grpo_dropped_positions, [ctypes.c_uint64, i64, f32, ptr, i64])
@@ -359,6 +365,76 @@ class NativeKernels:
         return out
 
 
+class DecodeLayer(ctypes.Structure):
+    """One layer's tensors for `grpo_decode_step` (the C struct decode_layer)."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("ln1", "ln2", "qkv", "o", "gate_up", "down", "qkv_bias", "prompt_k", "prompt_v", "k_cache", "v_cache")
+    ]
+
+
+class DecodeStep:
+    """A generation's whole decode step in one native call (`NativeKernels.decode_step`): the
+    token embedding, every layer (RMSNorm, MKL-packed products, attention with its cache write,
+    SwiGLU) and the final norm and head. Shapes are checked once, here; the buffers are its own."""
+
+    def __init__(
+        self, kernels: NativeKernels, gemm: MklGemm, layers: list[dict[str, Any]], embed: Tensor, norm: Tensor,
+        head: PackedMatrix, prompt_mask: Tensor, prompt_of: Tensor, dims: dict[str, int], eps: float,
+    ) -> None:  # fmt: skip
+        n, h, inter, hq, hkv, d = (dims[k] for k in ("n", "h", "inter", "hq", "hkv", "d"))
+        u, plen = prompt_mask.shape
+        span = layers[0]["k_cache"].shape[2]
+        for lay in layers:
+            if lay["prompt_k"].shape != (u, hkv, plen, d) or lay["prompt_v"].shape != (u, hkv, plen, d):
+                raise ValueError("decode_step: prompt keys/values must be (U, Hkv, P, D)")
+            if lay["k_cache"].shape != (n, hkv, span, d) or lay["v_cache"].shape != (n, hkv, span, d):
+                raise ValueError("decode_step: caches must be (N, Hkv, T, D)")
+            shapes = {"qkv": (h, (hq + 2 * hkv) * d), "o": (hq * d, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
+            for name, (k, out) in shapes.items():
+                if (lay[name].k, lay[name].n) != (k, out):
+                    raise ValueError(f"decode_step: {name} must be packed from a ({k}, {out}) matrix")
+            tensors = [lay[k] for k in ("ln1", "ln2", "qkv_bias", "prompt_k", "prompt_v", "k_cache", "v_cache")]
+            if not all(kernels.runs_on(t) and t.is_contiguous() for t in tensors):
+                raise ValueError("decode_step: contiguous float32 CPU tensors")
+        if embed.shape != (head.n, h) or head.k != h or not embed.is_contiguous() or prompt_of.shape != (n,):
+            raise ValueError("decode_step: embedding (V, H), head packed from (H, V), one prompt index per row")
+        if prompt_of.dtype != torch.int64 or not prompt_of.is_contiguous() or not prompt_mask.is_contiguous():
+            raise ValueError("decode_step: contiguous int64 prompt indices and a contiguous prompt mask")
+        self._keep = (layers, embed, norm, head, prompt_mask, prompt_of)  # alive as long as the step
+        self._layers = (DecodeLayer * len(layers))(
+            *[DecodeLayer(*[lay[f].buffer.data_ptr() if isinstance(lay[f], PackedMatrix) else lay[f].data_ptr()
+                            for f, _ in DecodeLayer._fields_]) for lay in layers]
+        )  # fmt: skip
+        self.x = torch.empty(n, h)  # (N, H) the residual stream
+        self.logits = torch.empty(n, head.n)  # (N, V)
+        self._scratch = torch.empty(n * (h + (hq + 2 * hkv) * d + hq * d + 3 * inter))
+        self._fn, self._n_layers, self._compute = kernels._decode_step, len(layers), gemm.compute_address
+        self._fixed = (
+            embed.data_ptr(), prompt_mask.data_ptr(), prompt_of.data_ptr(), u, plen, span, norm.data_ptr(),
+            head.buffer.data_ptr(), self.logits.data_ptr(), n, h, inter, head.n, hq, hkv, d, eps, d**-0.5,
+        )
+
+    def __call__(self, tokens: Tensor, cos: Tensor, signed_sin: Tensor, slot: int) -> Tensor:
+        """Logits (N, V) after feeding tokens (N,) int64 at generated slot `slot` (cos, signed_sin
+        (N, D) contiguous at their positions); the caches' slot is written. The returned tensor is
+        overwritten by the next call."""
+        (embed, mask, prompt_of, u, plen, span, norm, head, logits, n, h, inter, vocab, hq, hkv, d, eps, scale) = self._fixed
+        if tokens.shape != (n,) or tokens.dtype != torch.int64 or not tokens.is_contiguous() or not 0 <= slot < span:
+            raise ValueError("decode_step: tokens (N,) int64 contiguous and a slot below T")
+        if not (cos.is_contiguous() and signed_sin.is_contiguous() and cos.numel() == signed_sin.numel() == n * d):
+            raise ValueError("decode_step: cos and signed_sin must be contiguous (N, D)")
+        done = self._fn(
+            ctypes.cast(self._layers, ctypes.c_void_p), self._n_layers, tokens.data_ptr(), embed, self.x.data_ptr(),
+            cos.data_ptr(), signed_sin.data_ptr(), mask, prompt_of, u, plen, span, slot, norm, head, logits, n, h,
+            inter, vocab, hq, hkv, d, eps, scale, self._scratch.data_ptr(), self._compute, torch.get_num_threads(),
+        )  # fmt: skip
+        if done != 0:
+            raise ValueError("decode_step: " + ("a prompt index outside 0..U-1" if done == -1 else "a token outside the vocabulary"))
+        return self.logits
+
+
 def _rows_uniform(t: Tensor) -> bool:
     """True when t (..., W) is rows of W contiguous values, one row stride apart."""
     if t.dim() <= 2:
@@ -478,6 +554,7 @@ class MklGemm:
         self._pack.restype, self._pack.argtypes = None, [i32] * 6 + [f32, ptr, i32, ptr]
         self._compute = lib.cblas_sgemm_compute
         self._compute.restype, self._compute.argtypes = None, [i32] * 6 + [ptr, i32, ptr, i32, f32, ptr, i32]
+        self.compute_address = ctypes.cast(self._compute, ctypes.c_void_p).value  # for native callers
 
     def pack(self, weights: list[Tensor], rows: int) -> list[PackedMatrix]:
         """Each w (K, N), float32 CPU, packed for products with about `rows` rows (any row count

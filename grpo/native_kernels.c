@@ -837,3 +837,64 @@ void grpo_rotary(const float *x, long sx_n, long sx_l, long sx_h, const float *c
             }
         }
 }
+
+/* -- a whole decode step: every layer, the final norm and the head ------------------------------
+ *
+ * The products go through MKL's packed GEMM, whose cblas_sgemm_compute the caller passes as a
+ * function pointer (grpo.native.MklGemm packs the weights); the rest are the kernels above. One
+ * call per generated token replaces some forty dispatched operators. */
+typedef void (*gemm_compute_fn)(int layout, int transa, int transb, int m, int n, int k, const float *a, int lda,
+                                const float *b, int ldb, float beta, float *c, int ldc);
+
+/* One layer's tensors for grpo_decode_step (all float32). */
+typedef struct {
+    const float *ln1, *ln2;                          /* (H) RMSNorm weights */
+    const float *qkv, *o, *gate_up, *down;          /* MKL-packed (H, (Hq + 2 Hkv) D), (Hq D, H), (H, 2 I), (I, H) */
+    const float *qkv_bias;                           /* ((Hq + 2 Hkv) D) */
+    const float *prompt_k, *prompt_v;                /* (U, Hkv, P, D) */
+    float *k_cache, *v_cache;                        /* (N, Hkv, T, D) */
+} decode_layer;
+
+/* y (m, n) = x (m, k) @ packed w (beta 0), or y += it (beta 1). */
+static void packed_mm(gemm_compute_fn compute, const float *x, const float *w, int m, int k, int n, float beta,
+                      float *y)
+{
+    compute(101 /* row major */, 111 /* no trans */, 151 /* packed */, m, n, k, x, k, w, n, beta, y, n);
+}
+
+/* Token `slot` of a generation for all N rows: x = embed[tokens] through the layers (each
+ * rms -> qkv -> attention over the row's prompt and generated slots 0..slot -> o (+= x) -> rms ->
+ * gate/up -> SwiGLU -> down (+= x)), then logits (N, V) = rms(x) @ head. Scratch: N x (H +
+ * (Hq + 2 Hkv) D + Hq D + 3 I) floats. Returns -1 (nothing done) for a prompt index outside
+ * 0..U-1, -2 for a token outside 0..V-1 (the embedding and the head share V). */
+int grpo_decode_step(const decode_layer *layers, int n_layers, const long *tokens, const float *embed, float *x,
+                     const float *cos_, const float *ssin, const float *prompt_mask, const long *prompt, int u,
+                     int plen, int span, int slot, const float *norm, const float *head, float *logits, int n, int h,
+                     int inter, int vocab, int hq, int hkv, int d, float eps, float scale, float *scratch,
+                     void *compute_ptr, int threads)
+{
+    for (int i = 0; i < n; i++) {
+        if (prompt[i] < 0 || prompt[i] >= u) return -1;
+        if (tokens[i] < 0 || tokens[i] >= vocab) return -2;
+    }
+    gemm_compute_fn compute = (gemm_compute_fn)compute_ptr;
+    const int qkv_dim = (hq + 2 * hkv) * d;
+    float *hb = scratch, *qkv = hb + (size_t)n * h, *att = qkv + (size_t)n * qkv_dim, *gu = att + (size_t)n * hq * d;
+    float *act = gu + (size_t)n * 2 * inter;
+    for (int i = 0; i < n; i++) memcpy(x + (size_t)i * h, embed + (size_t)tokens[i] * h, sizeof(float) * h);
+    for (int l = 0; l < n_layers; l++) {
+        const decode_layer *ly = layers + l;
+        grpo_rms_norm(x, ly->ln1, hb, NULL, n, h, eps, threads);
+        packed_mm(compute, hb, ly->qkv, n, h, qkv_dim, 0.0f, qkv);
+        grpo_decode_attention(qkv, ly->qkv_bias, cos_, ssin, ly->prompt_k, ly->prompt_v, prompt_mask, prompt, u, plen,
+                              ly->k_cache, ly->v_cache, span, slot, att, n, hq, hkv, d, scale, threads);
+        packed_mm(compute, att, ly->o, n, hq * d, h, 1.0f, x);
+        grpo_rms_norm(x, ly->ln2, hb, NULL, n, h, eps, threads);
+        packed_mm(compute, hb, ly->gate_up, n, h, 2 * inter, 0.0f, gu);
+        grpo_swiglu(gu, gu + inter, 2 * inter, act, n, inter, threads);
+        packed_mm(compute, act, ly->down, n, inter, h, 1.0f, x);
+    }
+    grpo_rms_norm(x, norm, hb, NULL, n, h, eps, threads);
+    packed_mm(compute, hb, head, n, h, vocab, 0.0f, logits);
+    return 0;
+}

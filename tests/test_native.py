@@ -335,9 +335,9 @@ def test_mkl_packed_gemm_matches_torch() -> None:
         gemm.mm(torch.randn(4, 48), packed, torch.randn(4, 79))
 
 
-def test_packed_decode_samples_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Generation with the decode weights packed for MKL (forced on a tiny model) and without:
-    the same tokens."""
+def test_one_call_decode_step_samples_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generation with the whole decode step in one native call (MKL-packed products) and with
+    the operator-by-operator loop: the same tokens; a bad token or slot is refused."""
     from grpo.native import mkl_gemm
 
     if mkl_gemm() is None or kernels() is None:
@@ -346,17 +346,32 @@ def test_packed_decode_samples_the_same_tokens(tmp_path: Path, monkeypatch: pyte
                             num_kv_heads=2, intermediate_size=128)  # fmt: skip
     model, tok = random_lora_policy(path)
     cfg = GenerationConfig(max_new_tokens=10, temperature=1.0)
+    prompts = ["nums: 1 2 3 target: 6\n", "x"]
 
     def tokens() -> torch.Tensor:
         gen = fastpath.FastGenerator(model, tok, cfg)
-        return gen.generate(["nums: 1 2 3 target: 6\n", "x"], 3, generator=torch.Generator().manual_seed(0)).completion_ids
+        return gen.generate(prompts, 3, generator=torch.Generator().manual_seed(0)).completion_ids
 
-    monkeypatch.setattr(fastpath.FastQwen2, "PACK_MIN_ENTRIES", 0)
-    packed = tokens()
-    fast = fastpath.FastQwen2(model)
-    assert all(len(layer) == 4 for layer in fast._decode_packs(mkl_gemm(), 6)[:-1])  # everything packed
+    calls = []
+    real = fastpath.DecodeStep.__call__
+    monkeypatch.setattr(fastpath.DecodeStep, "__call__", lambda self, *a: calls.append(a[-1]) or real(self, *a))
+    one_call = tokens()
+    assert calls and calls[:3] == [0, 1, 2]  # the native step ran, one call per token
     monkeypatch.setattr(fastpath, "mkl_gemm", lambda: None)
-    assert torch.equal(packed, tokens())
+    assert torch.equal(one_call, tokens())
+
+    fast = fastpath.FastQwen2(model)
+    ids = tok(prompts, return_tensors="pt", padding=True)
+    u, n = 2, 4
+    caches = [(torch.zeros(u, 2, ids.input_ids.shape[1], 16), torch.zeros(u, 2, ids.input_ids.shape[1], 16),
+               torch.zeros(n, 2, 5, 16), torch.zeros(n, 2, 5, 16)) for _ in fast.gen_layers]  # fmt: skip
+    step = fast._decode_step(kernels(), mkl_gemm(), caches, torch.zeros(u, ids.input_ids.shape[1]), torch.tensor([0, 0, 1, 1]))
+    cos = torch.ones(n, 16)
+    assert step(torch.tensor([1, 2, 3, 4]), cos, cos, 0).shape == (n, fast.lm_head.shape[0])
+    with pytest.raises(ValueError, match="vocabulary"):
+        step(torch.tensor([1, 2, 3, 10**6]), cos, cos, 0)
+    with pytest.raises(ValueError, match="slot"):
+        step(torch.tensor([1, 2, 3, 4]), cos, cos, 5)
 
 
 def test_sampler_draws_pick_tokens_token(native: NativeKernels, threads: int) -> None:
