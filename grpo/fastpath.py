@@ -305,7 +305,8 @@ class _Attention(torch.autograd.Function):
     """Attention through the native kernels: the forward keeps the softmax (n, Hkv, Hq / Hkv L, Lk)
     for the backward, which then needs no second pass over q k^T. Optional prompt keys/values
     (U, Hkv, P, D) with each row's prompt `rows` (n,) come first in each row's keys; their
-    gradient sums the rows of each prompt."""
+    gradient sums the rows of each prompt. Optional rotary tables (cos, signed_sin (n, L, D)):
+    q and k come unrotated and the kernels rotate them (and their gradients back)."""
 
     @staticmethod
     def applies(
@@ -318,26 +319,28 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, pk: Tensor | None, pv: Tensor | None,
-        rows: Tensor | None,
+        rows: Tensor | None, cos: Tensor | None, signed_sin: Tensor | None,
     ) -> Tensor:  # fmt: skip
         native = kernels()
         prefix = (pk, pv, rows) if pk is not None else None
-        out, probs = native.attention(q, k, v, mask, keep_probs=True, prefix=prefix)  # (n, Hq, L, D), (n, Hkv, rep L, Lk)
-        ctx.native, ctx.has_prefix = native, prefix is not None
-        ctx.save_for_backward(q, k, v, probs, *(prefix or ()))
+        rope = (cos, signed_sin) if cos is not None else None
+        out, probs = native.attention(q, k, v, mask, keep_probs=True, prefix=prefix, rope=rope)  # (n, Hq, L, D)
+        ctx.native, ctx.has_prefix, ctx.has_rope = native, prefix is not None, rope is not None
+        ctx.save_for_backward(q, k, v, probs, *(prefix or ()), *(rope or ()))  # probs (n, Hkv, rep L, Lk)
         return out
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, probs, *prefix = ctx.saved_tensors
+        q, k, v, probs, *rest = ctx.saved_tensors
+        prefix = tuple(rest[:3]) if ctx.has_prefix else None
+        rope = tuple(rest[-2:]) if ctx.has_rope else None
         g = g if g.stride(-1) == 1 else g.contiguous()  # (n, Hq, L, D)
-        dq, dk, dv, dpk, dpv = ctx.native.attention_backward(g, probs, q, k, v, tuple(prefix) if prefix else None)
-        if not ctx.has_prefix:
-            return dq, dk, dv, None, None, None, None
-        pk, _, rows = prefix
-        dpk = torch.zeros_like(pk, memory_format=torch.contiguous_format).index_add_(0, rows, dpk)  # (U, Hkv, P, D)
-        dpv = torch.zeros_like(prefix[1], memory_format=torch.contiguous_format).index_add_(0, rows, dpv)  # (U, Hkv, P, D)
-        return dq, dk, dv, None, dpk, dpv, None
+        dq, dk, dv, dpk, dpv = ctx.native.attention_backward(g, probs, q, k, v, prefix, rope)
+        if prefix is not None:
+            pk, pv, rows = prefix  # the rows of each prompt summed: (U, Hkv, P, D) each
+            dpk = torch.zeros_like(pk, memory_format=torch.contiguous_format).index_add_(0, rows, dpk)
+            dpv = torch.zeros_like(pv, memory_format=torch.contiguous_format).index_add_(0, rows, dpv)
+        return dq, dk, dv, None, dpk, dpv, None, None, None
 
 
 @dataclass
@@ -934,22 +937,27 @@ class FastQwen2:
 
     @staticmethod
     def _attend(
-        q: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: tuple[Tensor, Tensor, Tensor] | None = None
-    ) -> Tensor:
-        """softmax(q k^T / sqrt(D) + mask) v: q (n, Hq, L, D), k, v (n, Hkv, Lk, D), mask
-        (n, 1, L, Lp + Lk) additive -> (n, Hq, L, D). `prefix` = (keys, values (U, Hkv, Lp, D),
-        rows (n,)): row i's first Lp keys/values are those of rows[i]. The native kernels'
-        attention (`_Attention` in autograd) for float32 CPU heads of a multiple of 16, which reads
-        the prefix in place; else the prefix repeated for the rows and torch's fused kernel."""
+        q: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: tuple[Tensor, Tensor, Tensor] | None,
+        cos: Tensor, signed_sin: Tensor,
+    ) -> Tensor:  # fmt: skip
+        """softmax(R q (R k)^T / sqrt(D) + mask) v for unrotated q (n, Hq, L, D), k, v (n, Hkv, L, D),
+        R the rotary embedding at cos, signed_sin (n, L, D), mask (n, 1, L, Lp + L) additive ->
+        (n, Hq, L, D). `prefix` = (keys (rotated), values (U, Hkv, Lp, D), rows (n,)): row i's
+        first Lp keys/values are those of rows[i]. The native kernels' attention (`_Attention` in
+        autograd) for float32 CPU heads of a multiple of 16, which rotates q and k itself and reads
+        the prefix in place; else `_rotate`, the prefix repeated for the rows and torch's fused
+        kernel."""
         native = kernels()
-        if native is not None and _Attention.applies(native, q, k, v, mask, prefix):
+        if native is not None and _Attention.applies(native, q, k, v, mask, prefix) and cos.is_contiguous():
             if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *(prefix or ())[:2])):
-                return _Attention.apply(q, k, v, mask, *(prefix or (None, None, None)))
-            return native.attention(q, k, v, mask, keep_probs=False, prefix=prefix)[0]
+                return _Attention.apply(q, k, v, mask, *(prefix or (None, None, None)), cos, signed_sin)
+            return native.attention(q, k, v, mask, keep_probs=False, prefix=prefix, rope=(cos, signed_sin))[0]
+        q = FastQwen2._rotate(q, cos[:, None], signed_sin[:, None])  # (n, Hq, L, D)
+        k = FastQwen2._rotate(k, cos[:, None], signed_sin[:, None])  # (n, Hkv, L, D)
         if prefix is not None:
             pk, pv, rows = prefix
-            k = torch.cat([pk.index_select(0, rows), k], dim=2)  # (n, Hkv, Lp + Lk, D)
-            v = torch.cat([pv.index_select(0, rows), v], dim=2)  # (n, Hkv, Lp + Lk, D)
+            k = torch.cat([pk.index_select(0, rows), k], dim=2)  # (n, Hkv, Lp + L, D)
+            v = torch.cat([pv.index_select(0, rows), v], dim=2)  # (n, Hkv, Lp + L, D)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
     def _heads(self, x: Tensor, heads: int) -> Tensor:
@@ -1005,19 +1013,16 @@ class FastQwen2:
         hq, hkv = self.num_heads, self.num_kv_heads
 
         x = F.embedding(input_ids, self.embed)  # (n, L, H)
-        cos, sin = self._rope_signed(pos, x.dtype)  # (n, L, D)
-        cos, sin = cos[:, None], sin[:, None]  # (n, 1, L, D)
+        cos, sin = self._rope_signed(pos, x.dtype)  # (n, L, D) each
         for i, lay in enumerate(self.layers):
             gen = self.gen_layers[i] if merged else None
             h = self._rms(x, gen.ln1 if gen is not None else lay.ln1)  # (n, L, H)
             q, k, v = self._layer_qkv(h, lay, gen, use_adapter)
-            q = self._rotate(self._heads(q, hq), cos, sin)  # (n, Hq, L, D)
-            k = self._rotate(self._heads(k, hkv), cos, sin)  # (n, Hkv, L, D)
-            v = self._heads(v, hkv)  # (n, Hkv, L, D)
+            q, k, v = self._heads(q, hq), self._heads(k, hkv), self._heads(v, hkv)  # (n, H*, L, D), unrotated
             if kv_out is not None:
-                kv_out.append((k, v))
+                kv_out.append((self._rotate(k, cos[:, None], sin[:, None]), v))
             prefix = (*prefix_kv[i], prefix_rows) if prefix_kv is not None else None
-            o = self._attend(q, k, v, attn_mask, prefix)  # (n, Hq, L, D)
+            o = self._attend(q, k, v, attn_mask, prefix, cos, sin)  # (n, Hq, L, D)
             o = o.transpose(1, 2).reshape(n, length, hq * self.head_dim)  # (n, L, Hq D)
             x = self._o(o, lay, gen, use_adapter, x)  # (n, L, H): residual added
             h = self._rms(x, gen.ln2 if gen is not None else lay.ln2)  # (n, L, H)

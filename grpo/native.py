@@ -76,12 +76,12 @@ class NativeKernels:
         )
         heads = [ptr, i64, i64, i64]  # a tensor of heads and its (row, head, position) strides
         self._attn = self._typed(
-            lib.grpo_attention, heads * 3 + [ptr, i32, i32] + heads * 2 + [ptr] * 3 + [i32] * 6 + [f32, i32]
+            lib.grpo_attention, heads * 3 + [ptr, i32, i32] + heads * 2 + [ptr] * 5 + [i32] * 6 + [f32, i32]
         )
         self._attn.restype = i32
         self._attn_backward = self._typed(
             lib.grpo_attention_backward,
-            heads + [ptr] + heads * 3 + [ptr, i32, i32] + heads * 2 + [ptr] * 5 + [i32] * 6 + [f32, i32],
+            heads + [ptr] + heads * 3 + [ptr, i32, i32] + heads * 2 + [ptr] * 7 + [i32] * 6 + [f32, i32],
         )
         self._attn_backward.restype = i32
         self._decode_step = self._typed(
@@ -185,10 +185,11 @@ class NativeKernels:
         return t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)
 
     def _check_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor, Tensor] | None
-    ) -> tuple[int, int, int]:
+        self, q: Tensor, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor, Tensor] | None,
+        rope: tuple[Tensor, Tensor] | None,
+    ) -> tuple[int, int, int]:  # fmt: skip
         """(Hkv, prompt keys P, whole span S) of an attention call; ValueError where it cannot run."""
-        n, hq, _, d = q.shape
+        n, hq, length, d = q.shape
         hkv, plen = k.shape[1], 0
         if prefix is not None:
             pk, pv, prompt_of = prefix
@@ -201,19 +202,30 @@ class NativeKernels:
             raise ValueError("attention: q (n, Hq, L, D), k and v (n, Hkv, S, D) with Hkv | Hq and 16 | D")
         if not self.runs_on(q, k, v):
             raise ValueError("attention: float32 CPU tensors, D contiguous")
+        if rope is not None:
+            cos, signed_sin = rope
+            if k.shape[2] != length or cos.shape != (n, length, d) or signed_sin.shape != cos.shape:
+                raise ValueError("attention: rotary tables (n, L, D) for L queries and as many own keys")
+            if not (self.runs_on(cos, signed_sin) and cos.is_contiguous() and signed_sin.is_contiguous()):
+                raise ValueError("attention: contiguous float32 CPU rotary tables")
         return hkv, plen, plen + k.shape[2]
+
+    @staticmethod
+    def _rope_args(rope: tuple[Tensor, Tensor] | None) -> tuple[int | None, int | None]:
+        return (rope[0].data_ptr(), rope[1].data_ptr()) if rope is not None else (None, None)
 
     def attention(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, keep_probs: bool,
-        prefix: tuple[Tensor, Tensor, Tensor] | None = None,
+        prefix: tuple[Tensor, Tensor, Tensor] | None = None, rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """softmax(q k^T / sqrt(D) + mask) v for q (n, Hq, L, D), k, v (n, Hkv, S, D) (any strides,
         D contiguous, D a multiple of 16), mask (n, 1, L, P + S) additive -> (out (n, Hq, L, D), a
         view of an (n, L, Hq, D) tensor; the softmax (n, Hkv, Hq / Hkv L, P + S) when
         `keep_probs`). `prefix` = (prompt keys, prompt values (U, Hkv, P, D), prompt_of (n,)
-        int64): row i's first P keys/values are those of prompt prompt_of[i]."""
+        int64): row i's first P keys/values are those of prompt prompt_of[i]. `rope` = (cos,
+        signed_sin) (n, L, D): q and k (then S = L) come unrotated and are rotated here."""
         n, hq, length, d = q.shape
-        hkv, plen, span = self._check_attention(q, k, v, prefix)
+        hkv, plen, span = self._check_attention(q, k, v, prefix, rope)
         if mask.shape != (n, 1, length, span) or not mask.is_contiguous() or not self.runs_on(mask):
             raise ValueError("attention: the mask must be a contiguous float32 (n, 1, L, P + S)")
         pk, pv, prompt_of = prefix if prefix is not None else (None, None, None)
@@ -222,7 +234,7 @@ class NativeKernels:
         done = self._attn(
             *self._heads_args(q), *self._heads_args(pk), *self._heads_args(pv),
             prompt_of.data_ptr() if prompt_of is not None else None, pk.shape[0] if pk is not None else 0, plen,
-            *self._heads_args(k), *self._heads_args(v), mask.data_ptr(), out.data_ptr(),
+            *self._heads_args(k), *self._heads_args(v), *self._rope_args(rope), mask.data_ptr(), out.data_ptr(),
             probs.data_ptr() if probs is not None else None, n, hq, hkv, length, span, d, d**-0.5,
             torch.get_num_threads(),
         )  # fmt: skip
@@ -232,14 +244,14 @@ class NativeKernels:
 
     def attention_backward(
         self, grad: Tensor, probs: Tensor, q: Tensor, k: Tensor, v: Tensor,
-        prefix: tuple[Tensor, Tensor, Tensor] | None = None,
+        prefix: tuple[Tensor, Tensor, Tensor] | None = None, rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
         """(dq, dk, dv, dpk, dpv) of `attention` from its output's gradient grad (n, Hq, L, D)
         and the kept softmax; dq is a view of an (n, L, Hq, D) tensor; dk, dv (n, Hkv, S, D)
         and, with a prefix, dpk, dpv (n, Hkv, P, D) for each row's prompt keys/values (rows of
-        one prompt to be summed), else None."""
+        one prompt to be summed), else None. With `rope`, dq and dk are the unrotated q's and k's."""
         n, hq, length, d = q.shape
-        hkv, plen, span = self._check_attention(q, k, v, prefix)
+        hkv, plen, span = self._check_attention(q, k, v, prefix, rope)
         if grad.shape != q.shape or probs.shape != (n, hkv, hq // hkv * length, span) or not probs.is_contiguous():
             raise ValueError("attention_backward: grad shaped as q, probs as `attention` keeps them")
         if not self.runs_on(grad, probs):
@@ -251,9 +263,10 @@ class NativeKernels:
         done = self._attn_backward(
             *self._heads_args(grad), probs.data_ptr(), *self._heads_args(q), *self._heads_args(pk),
             *self._heads_args(pv), prompt_of.data_ptr() if prompt_of is not None else None,
-            pk.shape[0] if pk is not None else 0, plen, *self._heads_args(k), *self._heads_args(v), dq.data_ptr(),
-            dpk.data_ptr() if dpk is not None else None, dpv.data_ptr() if dpv is not None else None,
-            dk.data_ptr(), dv.data_ptr(), n, hq, hkv, length, span, d, d**-0.5, torch.get_num_threads(),
+            pk.shape[0] if pk is not None else 0, plen, *self._heads_args(k), *self._heads_args(v),
+            *self._rope_args(rope), dq.data_ptr(), dpk.data_ptr() if dpk is not None else None,
+            dpv.data_ptr() if dpv is not None else None, dk.data_ptr(), dv.data_ptr(), n, hq, hkv, length, span, d,
+            d**-0.5, torch.get_num_threads(),
         )  # fmt: skip
         if done != 0:
             raise ValueError("attention_backward: prompt_of holds an index outside the prompts")
@@ -407,9 +420,9 @@ class DecodeStep:
             *[DecodeLayer(*[lay[f].buffer.data_ptr() if isinstance(lay[f], PackedMatrix) else lay[f].data_ptr()
                             for f, _ in DecodeLayer._fields_]) for lay in layers]
         )  # fmt: skip
-        self.x = torch.empty(n, h)  # (N, H) the residual stream
-        self.logits = torch.empty(n, head.n)  # (N, V)
-        self._scratch = torch.empty(n * (h + (hq + 2 * hkv) * d + hq * d + 3 * inter))
+        self.x = torch.empty(n, h, dtype=torch.float32)  # (N, H) the residual stream
+        self.logits = torch.empty(n, head.n, dtype=torch.float32)  # (N, V)
+        self._scratch = torch.empty(n * (h + (hq + 2 * hkv) * d + hq * d + 3 * inter), dtype=torch.float32)
         self._fn, self._n_layers, self._compute = kernels._decode_step, len(layers), gemm.compute_address
         self._fixed = (
             embed.data_ptr(), prompt_mask.data_ptr(), prompt_of.data_ptr(), u, plen, span, norm.data_ptr(),

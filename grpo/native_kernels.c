@@ -386,6 +386,17 @@ static void transpose_rows(const float *restrict src, long ss, int count, int d,
     }
 }
 
+/* out = R x for one head (D) at one position, R the rotary embedding (cos, ssin: rotate_half's
+ * sign folded into ssin), or out = R^T x when `transpose` (the backward's rotation). */
+static inline void rotate_head(const float *restrict x, const float *restrict cos_, const float *restrict ssin,
+                               float *restrict out, int d, int transpose)
+{
+    const int half = d / 2;
+    const float *s_lo = transpose ? ssin + half : ssin, *s_hi = transpose ? ssin : ssin + half;
+    for (int e = 0; e < half; e++) out[e] = x[e] * cos_[e] + x[e + half] * s_lo[e];
+    for (int e = 0; e < half; e++) out[e + half] = x[e + half] * cos_[e + half] + x[e] * s_hi[e];
+}
+
 /* The keys or values of one row and kv head: the first plen of its span are its prompt's (p, row
  * stride ps; NULL when plen is 0), the rest its own (x, row stride xs). */
 typedef struct {
@@ -441,6 +452,9 @@ static void softmax_row(float *restrict sc, const float *restrict msk, float sca
  *   pk, pv (U, Hkv, P, D) the first P keys/values of each row's span: those of its prompt
  *                        prompt[i] (below U, else nothing is done and -1 returned); P may be 0
  *   k, v (N, Hkv, S - P, D) the rest of each row's keys/values, its own
+ *   cos_, ssin (N, L, D) when not NULL: q and the own keys (then S - P = L, the same tokens)
+ *                        come unrotated and get the rotary embedding here (rotate_half's sign
+ *                        folded into ssin); the prompt's keys come rotated
  *   mask (N, L, S)       additive: 0 for a key to attend, -inf for one to skip
  *   out  (N, L, Hq, D)   softmax(q k^T scale + mask) v, laid out so (N, L, Hq D) is a view
  *   probs (N, Hkv, rep L, S) the softmax, for the backward (NULL: not kept); row r L + l is
@@ -452,8 +466,8 @@ static void softmax_row(float *restrict sc, const float *restrict msk, float sca
 int grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float *pk, long pks_u, long pks_h,
                    long pks_s, const float *pv, long pvs_u, long pvs_h, long pvs_s, const long *prompt, int u,
                    int plen, const float *k, long ks_n, long ks_h, long ks_s, const float *v, long vs_n, long vs_h,
-                   long vs_s, const float *mask, float *out, float *probs, int n, int hq, int hkv, int len, int span,
-                   int d, float scale, int threads)
+                   long vs_s, const float *cos_, const float *ssin, const float *mask, float *out, float *probs, int n,
+                   int hq, int hkv, int len, int span, int d, float scale, int threads)
 {
     for (int i = 0; plen && i < n; i++)
         if (prompt[i] < 0 || prompt[i] >= u) return -1;
@@ -471,12 +485,26 @@ int grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float 
         }
         float *kt = malloc(sizeof(float) * (size_t)d * s16);      /* K^T (D, S16), zero-padded */
         float *pb = malloc(sizeof(float) * (size_t)m_rows * s16); /* scores, then softmax (rep L, S16) */
+        float *qr = malloc(sizeof(float) * (size_t)m_rows * d);   /* rotated queries (rep L, D) */
+        float *kr = malloc(sizeof(float) * (size_t)len * d);      /* rotated own keys (L, D) */
 #pragma omp for schedule(static)
         for (long b = 0; b < (long)n * hkv; b++) {
             const long i = b / hkv, pi = plen ? prompt[i] : 0;
             const int h = (int)(b % hkv);
-            const span_rows keys = {pk + pi * pks_u + h * pks_h, k + i * ks_n + h * ks_h, pks_s, ks_s, plen};
+            span_rows keys = {pk + pi * pks_u + h * pks_h, k + i * ks_n + h * ks_h, pks_s, ks_s, plen};
             const span_rows values = {pv + pi * pvs_u + h * pvs_h, v + i * vs_n + h * vs_h, pvs_s, vs_s, plen};
+            if (cos_) { /* the rotary embedding of the queries and own keys, at their positions */
+                const float *c0 = cos_ + (size_t)i * len * d, *s0 = ssin + (size_t)i * len * d;
+                for (int m = 0; m < m_rows; m++) {
+                    const int head = h * rep + m / len, l = m % len;
+                    rotate_head(q + i * qs_n + head * qs_h + l * qs_l, c0 + (size_t)l * d, s0 + (size_t)l * d,
+                                qr + (size_t)m * d, d, 0);
+                }
+                for (int l = 0; l < len; l++)
+                    rotate_head(keys.x + l * ks_s, c0 + (size_t)l * d, s0 + (size_t)l * d, kr + (size_t)l * d, d, 0);
+                keys.x = kr;
+                keys.xs = d;
+            }
             transpose_span(keys, span, d, kt, s16);
             for (int m0 = 0; m0 < m_rows; m0 += 4) {
                 const int rows = m_rows - m0 < 4 ? m_rows - m0 : 4;
@@ -485,7 +513,7 @@ int grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float 
                 int bound = 0; /* one past the block's last unmasked key */
                 for (int r = 0; r < 4; r++) {
                     const int m = m0 + (r < rows ? r : 0), head = h * rep + m / len, l = m % len;
-                    a[r] = q + i * qs_n + head * qs_h + l * qs_l;
+                    a[r] = cos_ ? qr + (size_t)m * d : q + i * qs_n + head * qs_h + l * qs_l;
                     c[r] = pb + (size_t)m * s16;
                     bound = ends[i * len + l] > bound ? ends[i * len + l] : bound;
                 }
@@ -508,6 +536,8 @@ int grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float 
         }
         free(kt);
         free(pb);
+        free(qr);
+        free(kr);
         FLUSH_DENORMALS_END
     }
     free(ends);
@@ -520,14 +550,16 @@ int grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float 
  * dk, dv split as the keys are: dpk, dpv (N, Hkv, P, D) for each row's prompt keys/values (the
  * caller sums the rows of a prompt), dk, dv (N, Hkv, S - P, D) for its own. All written (not
  * added). Products skip the keys a block of queries gives zero probability, and the queries that
- * give a block of keys none before their first one that does. Returns -1 (and does nothing) for
- * a prompt index outside 0..U-1. */
+ * give a block of keys none before their first one that does. With cos_, ssin (as in the
+ * forward) dq and the own keys' dk are those of the unrotated q and keys. Returns -1 (and does
+ * nothing) for a prompt index outside 0..U-1. */
 int grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, const float *probs, const float *q,
                             long qs_n, long qs_h, long qs_l, const float *pk, long pks_u, long pks_h, long pks_s,
                             const float *pv, long pvs_u, long pvs_h, long pvs_s, const long *prompt, int u, int plen,
                             const float *k, long ks_n, long ks_h, long ks_s, const float *v, long vs_n, long vs_h,
-                            long vs_s, float *dq, float *dpk, float *dpv, float *dk, float *dv, int n, int hq, int hkv,
-                            int len, int span, int d, float scale, int threads)
+                            long vs_s, const float *cos_, const float *ssin, float *dq, float *dpk, float *dpv,
+                            float *dk, float *dv, int n, int hq, int hkv, int len, int span, int d, float scale,
+                            int threads)
 {
     for (int i = 0; plen && i < n; i++)
         if (prompt[i] < 0 || prompt[i] >= u) return -1;
@@ -539,14 +571,23 @@ int grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, 
         float *pb = malloc(sizeof(float) * (size_t)m_rows * s16); /* P (rep L, S16) */
         float *ds = malloc(sizeof(float) * (size_t)m_rows * s16); /* dP, then dS */
         float *gb = malloc(sizeof(float) * (size_t)m_rows * d);   /* grad rows (rep L, D) */
-        float *qb = malloc(sizeof(float) * (size_t)m_rows * d);   /* q rows (rep L, D) */
+        float *qb = malloc(sizeof(float) * (size_t)m_rows * d);   /* q rows (rep L, D), rotated */
+        float *kr = malloc(sizeof(float) * (size_t)own * d);      /* own keys, rotated */
+        float *tmp = malloc(sizeof(float) * (size_t)d);
         int *ends = malloc(sizeof(int) * (size_t)m_rows);          /* one past each row's last p > 0 */
 #pragma omp for schedule(static)
         for (long b = 0; b < (long)n * hkv; b++) {
             const long i = b / hkv, pi = plen ? prompt[i] : 0;
             const int h = (int)(b % hkv);
-            const span_rows keys = {pk + pi * pks_u + h * pks_h, k + i * ks_n + h * ks_h, pks_s, ks_s, plen};
+            span_rows keys = {pk + pi * pks_u + h * pks_h, k + i * ks_n + h * ks_h, pks_s, ks_s, plen};
             const span_rows values = {pv + pi * pvs_u + h * pvs_h, v + i * vs_n + h * vs_h, pvs_s, vs_s, plen};
+            const float *c0 = cos_ ? cos_ + (size_t)i * len * d : NULL, *s0 = cos_ ? ssin + (size_t)i * len * d : NULL;
+            if (cos_) {
+                for (int l = 0; l < own; l++)
+                    rotate_head(keys.x + l * ks_s, c0 + (size_t)l * d, s0 + (size_t)l * d, kr + (size_t)l * d, d, 0);
+                keys.x = kr;
+                keys.xs = d;
+            }
             transpose_span(values, span, d, vt, s16);
             for (int m = 0; m < m_rows; m++) {
                 const int head = h * rep + m / len, l = m % len;
@@ -557,7 +598,11 @@ int grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, 
                 while (last > 0 && pr[last - 1] == 0.0f) last--;
                 ends[m] = last;
                 memcpy(gb + (size_t)m * d, grad + i * gs_n + head * gs_h + l * gs_l, sizeof(float) * d);
-                memcpy(qb + (size_t)m * d, q + i * qs_n + head * qs_h + l * qs_l, sizeof(float) * d);
+                if (cos_)
+                    rotate_head(q + i * qs_n + head * qs_h + l * qs_l, c0 + (size_t)l * d, s0 + (size_t)l * d,
+                                qb + (size_t)m * d, d, 0);
+                else
+                    memcpy(qb + (size_t)m * d, q + i * qs_n + head * qs_h + l * qs_l, sizeof(float) * d);
             }
             for (int m0 = 0; m0 < m_rows; m0 += 4) {
                 const int rows = m_rows - m0 < 4 ? m_rows - m0 : 4;
@@ -614,12 +659,27 @@ int grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, 
                         memset(ck[r], 0, sizeof(float) * d);
                     }
             }
+            if (cos_) { /* back through the rotary embedding: R^T of the rotated q's and own keys' gradients */
+                for (int m = 0; m < m_rows; m++) {
+                    const int head = h * rep + m / len, l = m % len;
+                    float *row = dq + ((size_t)i * len + l) * hq * d + (size_t)head * d;
+                    memcpy(tmp, row, sizeof(float) * d);
+                    rotate_head(tmp, c0 + (size_t)l * d, s0 + (size_t)l * d, row, d, 1);
+                }
+                for (int l = 0; l < own; l++) {
+                    float *row = dk + ((size_t)b * own + l) * d;
+                    memcpy(tmp, row, sizeof(float) * d);
+                    rotate_head(tmp, c0 + (size_t)l * d, s0 + (size_t)l * d, row, d, 1);
+                }
+            }
         }
         free(vt);
         free(pb);
         free(ds);
         free(gb);
         free(qb);
+        free(kr);
+        free(tmp);
         free(ends);
         FLUSH_DENORMALS_END
     }

@@ -140,11 +140,54 @@ def test_attention_matches_torch(
         torch.testing.assert_close(have, ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="16"):
         native.attention(q.detach()[..., :8], k.detach()[..., :8], v.detach()[..., :8], mask, keep_probs=False)
+    with pytest.raises(ValueError, match="rotary"):  # rotary tables need as many own keys as queries
+        native.attention(*detached[:3], mask, keep_probs=False, rope=(torch.ones(n, length + 1, d),) * 2, **args)
     with pytest.raises(ValueError, match="mask"):
         native.attention(*detached[:3], mask[:, :, :, :-1], keep_probs=False, **args)
     if shared:
         with pytest.raises(ValueError, match="outside the prompts"):
             native.attention(*detached[:3], mask, keep_probs=False, prefix=(detached[3], detached[4], rows + 1))
+
+
+@pytest.mark.parametrize("hq, hkv, d, length, prefix", [(4, 2, 64, 23, 9), (6, 2, 16, 13, 0)])
+def test_attention_rotates_q_and_k(native: NativeKernels, threads: int, hq: int, hkv: int, d: int, length: int, prefix: int) -> None:
+    """With rotary tables the kernels take q and the own keys unrotated and give the forward and
+    the gradients of the unrotated inputs: the same as rotating first (torch's operators) and
+    attending (torch's fused kernel); the prompt keys come rotated."""
+    g = torch.Generator().manual_seed(d + length)
+    n, span = 3, prefix + length
+    q = torch.randn(n, length, hq, d, generator=g).transpose(1, 2).requires_grad_()  # (n, Hq, L, D) strided
+    k = torch.randn(n, length, hkv, d, generator=g).transpose(1, 2).requires_grad_()  # (n, Hkv, L, D) strided
+    v = torch.randn(n, hkv, length, d, generator=g, requires_grad=True)
+    pk = torch.randn(2, hkv, prefix, d, generator=g, requires_grad=True)
+    pv = torch.randn(2, hkv, prefix, d, generator=g, requires_grad=True)
+    rows = torch.tensor([1, 0, 1])
+    angle = torch.rand(n, length, d // 2, generator=g) * 6
+    cos = torch.cat([angle.cos(), angle.cos()], dim=-1)  # (n, L, D)
+    signed_sin = torch.cat([-angle.sin(), angle.sin()], dim=-1)  # (n, L, D)
+    allowed = torch.ones(length, span, dtype=torch.bool).tril(prefix)[None].repeat(n, 1, 1)
+    mask = torch.zeros(n, 1, length, span).masked_fill(~allowed[:, None], float("-inf"))
+
+    def rot(x: torch.Tensor) -> torch.Tensor:  # x cos + rotate_half(x) sin
+        half = d // 2
+        return x * cos[:, None] + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin[:, None]
+
+    keys, values = torch.cat([pk[rows], rot(k)], dim=2), torch.cat([pv[rows], v], dim=2)
+    want = F.scaled_dot_product_attention(rot(q), keys, values, attn_mask=mask, enable_gqa=hq != hkv)
+    grad = torch.randn(n, hq, length, d, generator=g)
+    inputs = (q, k, v, pk, pv) if prefix else (q, k, v)
+    want_grads = torch.autograd.grad(want, inputs, grad)
+    prefix_args = (pk.detach(), pv.detach(), rows) if prefix else None
+    out, probs = native.attention(q.detach(), k.detach(), v.detach(), mask, keep_probs=True, prefix=prefix_args,
+                                  rope=(cos, signed_sin))  # fmt: skip
+    torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-5)
+    dq, dk, dv, dpk, dpv = native.attention_backward(grad, probs, q.detach(), k.detach(), v.detach(), prefix_args,
+                                                     (cos, signed_sin))  # fmt: skip
+    got = [dq, dk, dv]
+    if prefix:
+        got += [torch.zeros(2, hkv, prefix, d).index_add_(0, rows, dpk), torch.zeros(2, hkv, prefix, d).index_add_(0, rows, dpv)]
+    for have, ref in zip(got, want_grads):
+        torch.testing.assert_close(have, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_of_a_query_without_keys_is_zero(native: NativeKernels) -> None:
