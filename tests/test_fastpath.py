@@ -76,6 +76,17 @@ def policy(request: pytest.FixtureRequest, bench_tiny_dir: Path, tiny_model_dir:
     return random_lora_policy(bench_tiny_dir if request.param == "bench_tiny" else tiny_model_dir)
 
 
+@pytest.fixture(params=[True, False], ids=["native", "torch"])
+def native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Each test twice: with the native kernels (skipped where they do not build) and with the
+    fast path's torch operators (`kernels()` returning None)."""
+    if not request.param:
+        monkeypatch.setattr(fastpath_module, "kernels", lambda: None)
+    elif kernels() is None:
+        pytest.skip("the native kernels do not build here")
+    return request.param
+
+
 def batch(tok: Any, group: int = 3, t: int = 9, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Left-padded prompts of different lengths, `group` rows each, random completions whose
     masks end at random lengths (right-padded with the pad id after the last kept token)."""
@@ -362,14 +373,11 @@ def test_sparse_lora_dropout_equals_the_keep_mask(policy, dnn: bool, p: float, m
         assert err <= 1e-5 * float(ref.abs().max()), f"max |diff| {err:.3g} vs max |ref| {float(ref.abs().max()):.3g}"
 
 
-@pytest.mark.parametrize("native", [True, False])
 def test_grouped_projections_dropout_equals_the_keep_masks(policy, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """q/k/v share one input and draw one dropout mask each (in that order). With the native
     kernels the group runs one x A^T product and corrects it at each projection's dropped entries
     (forward and backward); without them each projection zeroes its own copy of x. Both: the
     output and gradients of the three keep masks of the same draws, in float64."""
-    if not native:
-        monkeypatch.setattr(fastpath_module, "kernels", lambda: None)
     model, _ = policy
     fast = FastQwen2(model)
     lay = fast.layers[1]
@@ -588,16 +596,11 @@ def test_supported_and_unsupported_adapters() -> None:
     assert not supports(merged)
 
 
-@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("p", [0.05, 0.2, 0.5])
-def test_dropout_keep_is_independent_bernoulli(p: float, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dropout_keep_is_independent_bernoulli(p: float, native: bool) -> None:
     """Drop rate p, no correlation between neighbours (drawn pairs ~ p^2), a fixed stream under
     torch.manual_seed, with the native positions and with torch's; p=0.5 takes the rand >= p
     branch."""
-    if not native:
-        monkeypatch.setattr(fastpath_module, "kernels", lambda: None)
-    elif kernels() is None:
-        pytest.skip("the native kernels do not build here")
     n = 400_000
     torch.manual_seed(3)
     keep = dropout_keep((400, 1000), p, torch.float32, torch.device("cpu"))
@@ -613,15 +616,11 @@ def test_dropout_keep_is_independent_bernoulli(p: float, native: bool, monkeypat
     assert not torch.equal(keep, dropout_keep((400, 1000), p, torch.float32, torch.device("cpu")))
 
 
-@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("p", [0.05, 0.01])
-def test_dropped_positions_gaps_are_geometric(p: float, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dropped_positions_gaps_are_geometric(p: float, native: bool) -> None:
     """The gaps between dropped positions follow Geometric(p) (a chi-square over the first
-    bins and the tail) and do not depend on the gap before; positions ascend, stay below n."""
-    if not native:
-        monkeypatch.setattr(fastpath_module, "kernels", lambda: None)
-    elif kernels() is None:
-        pytest.skip("the native kernels do not build here")
+    bins and the tail) and do not depend on the gap before; positions ascend, stay below n,
+    with the native generator and torch's."""
     n = 4_000_000
     torch.manual_seed(11)
     drops = dropped_positions(n, p, torch.device("cpu"))
