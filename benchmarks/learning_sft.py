@@ -7,7 +7,7 @@ budget, and report greedy held-out accuracy every 300 steps and at the end (one 
 next); `--aug K` adds K copies of every train row with its numbers shuffled. Results: see
 benchmarks/LEARNING.md.
 """
-import argparse, json, os, sys, time, tempfile
+import argparse, json, sys, time, tempfile
 import torch
 torch.set_num_threads(2)
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))

@@ -378,15 +378,19 @@ def test_mkl_packed_gemm_matches_torch() -> None:
         gemm.mm(torch.randn(4, 48), packed, torch.randn(4, 79))
 
 
-def test_one_call_decode_step_samples_the_same_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("hidden, heads, kv_heads", [(64, 4, 2), (112, 7, 1)])
+def test_one_call_decode_step_samples_the_same_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hidden: int, heads: int, kv_heads: int
+) -> None:
     """Generation with the whole decode step in one native call (MKL-packed products) and with
-    the operator-by-operator loop: the same tokens; a bad token or slot is refused."""
+    the operator-by-operator loop: the same tokens (GQA rep 2 and 7); a bad token or slot is
+    refused."""
     from grpo.native import mkl_gemm
 
     if mkl_gemm() is None or kernels() is None:
         pytest.skip("no MKL or no native kernels here")
-    path = build_tiny_model(tmp_path / "tiny", seed=4, hidden_size=64, num_layers=2, num_heads=4,
-                            num_kv_heads=2, intermediate_size=128)  # fmt: skip
+    path = build_tiny_model(tmp_path / "tiny", seed=4, hidden_size=hidden, num_layers=2, num_heads=heads,
+                            num_kv_heads=kv_heads, intermediate_size=2 * hidden)  # fmt: skip
     model, tok = random_lora_policy(path)
     cfg = GenerationConfig(max_new_tokens=10, temperature=1.0)
     prompts = ["nums: 1 2 3 target: 6\n", "x"]
@@ -406,9 +410,10 @@ def test_one_call_decode_step_samples_the_same_tokens(tmp_path: Path, monkeypatc
     fast = fastpath.FastQwen2(model)
     ids = tok(prompts, return_tensors="pt", padding=True)
     u, n = 2, 4
-    caches = [(torch.zeros(u, 2, ids.input_ids.shape[1], 16), torch.zeros(u, 2, ids.input_ids.shape[1], 16),
-               torch.zeros(n, 2, 5, 16), torch.zeros(n, 2, 5, 16)) for _ in fast.gen_layers]  # fmt: skip
-    step = fast._decode_step(kernels(), mkl_gemm(), caches, torch.zeros(u, ids.input_ids.shape[1]), torch.tensor([0, 0, 1, 1]))
+    p = ids.input_ids.shape[1]
+    caches = [(torch.zeros(u, kv_heads, p, 16), torch.zeros(u, kv_heads, p, 16), torch.zeros(n, kv_heads, 5, 16),
+               torch.zeros(n, kv_heads, 5, 16)) for _ in fast.gen_layers]  # fmt: skip
+    step = fast._decode_step(kernels(), mkl_gemm(), caches, torch.zeros(u, p), torch.tensor([0, 0, 1, 1]))
     cos = torch.ones(n, 16)
     assert step(torch.tensor([1, 2, 3, 4]), cos, cos, 0).shape == (n, fast.lm_head.shape[0])
     with pytest.raises(ValueError, match="vocabulary"):
