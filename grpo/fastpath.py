@@ -1099,10 +1099,11 @@ class FastQwen2:
                  torch.empty(slots, dtype=self.dtype, device=dev))
                 for k, v in kv
             ]  # fmt: skip
-            att_out = torch.empty(n, hq * d, dtype=self.dtype, device=dev)  # (N, Hq D) its output
             # with MKL: the whole step (every layer, norm and head) in one native call
             gemm = mkl_gemm()
             step = self._decode_step(native, gemm, layer_caches, prompt_mask, rows) if gemm is not None else None
+            if step is None:  # the loop below calls the attention kernel: (N, Hq D) its output
+                att_out = torch.empty(n, hq * d, dtype=self.dtype, device=dev)
         else:
             step = None
             # -inf on prompt padding, 0 on real and new tokens; repeated for the key/value heads

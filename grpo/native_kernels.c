@@ -25,14 +25,35 @@
 #define FLUSH_DENORMALS_END
 #endif
 
-/* x * cos + rotate_half(x) * sin for one head (D), rotate_half's sign folded into ssin,
- * times `scale`. */
-static inline __attribute__((always_inline)) void rotate(const float *x, const float *cos_, const float *ssin,
-                                                         float scale, float *out, const int d)
+/* out = R x * scale for one head (D) at one position: R the rotary embedding, x cos +
+ * rotate_half(x) sin with rotate_half's sign folded into ssin; or out = R^T x * scale when
+ * `transpose` (the backward's rotation: the halves of ssin swap). */
+static inline __attribute__((always_inline)) void rotate_head(const float *restrict x, const float *restrict cos_,
+                                                              const float *restrict ssin, float scale,
+                                                              float *restrict out, const int d, int transpose)
 {
     const int half = d / 2;
-    for (int e = 0; e < half; e++) out[e] = (x[e] * cos_[e] + x[e + half] * ssin[e]) * scale;
-    for (int e = half; e < d; e++) out[e] = (x[e] * cos_[e] + x[e - half] * ssin[e]) * scale;
+    const float *s_lo = transpose ? ssin + half : ssin, *s_hi = transpose ? ssin : ssin + half;
+    for (int e = 0; e < half; e++) out[e] = (x[e] * cos_[e] + x[e + half] * s_lo[e]) * scale;
+    for (int e = 0; e < half; e++) out[e + half] = (x[e + half] * cos_[e + half] + x[e] * s_hi[e]) * scale;
+}
+
+/* out (count, D) contiguous = the rotary embedding of x's first `count` rows (row stride xs),
+ * row l at position l of the tables cos_, ssin (count, D). */
+static void rotate_rows(const float *x, long xs, int count, const float *cos_, const float *ssin, int d, float *out)
+{
+    for (int l = 0; l < count; l++)
+        rotate_head(x + l * xs, cos_ + (size_t)l * d, ssin + (size_t)l * d, 1.0f, out + (size_t)l * d, d, 0);
+}
+
+/* The transposed rotation R^T of x's first `count` rows (row stride xs) in place, row l at
+ * position l of the tables; tmp holds D floats. */
+static void rotate_rows_back(float *x, long xs, int count, const float *cos_, const float *ssin, int d, float *tmp)
+{
+    for (int l = 0; l < count; l++) {
+        memcpy(tmp, x + l * xs, sizeof(float) * d);
+        rotate_head(tmp, cos_ + (size_t)l * d, ssin + (size_t)l * d, 1.0f, x + l * xs, d, 1);
+    }
 }
 
 /* e^x for finite x to about 2 ulp, in operations that vectorise (Cephes' expf): x = n ln2 + f
@@ -88,12 +109,12 @@ static inline __attribute__((always_inline)) void attend_block(
     const int rep = hq / hkv, len = plen + slot + 1;
     const size_t at_k = (size_t)(hq + h) * d, at_v = (size_t)(hq + hkv + h) * d;
     for (int e = 0; e < d; e++) acc[e] = x[at_k + e] + bias[at_k + e]; /* the key, biased */
-    rotate(acc, c, s, 1.0f, keys + (size_t)slot * d, d);
+    rotate_head(acc, c, s, 1.0f, keys + (size_t)slot * d, d, 0);
     for (int e = 0; e < d; e++) values[(size_t)slot * d + e] = x[at_v + e] + bias[at_v + e];
     for (int r = 0; r < rep; r++) {
         const size_t at_q = (size_t)(h * rep + r) * d;
         for (int e = 0; e < d; e++) acc[e] = x[at_q + e] + bias[at_q + e];
-        rotate(acc, c, s, scale, q + (size_t)r * d, d);
+        rotate_head(acc, c, s, scale, q + (size_t)r * d, d, 0);
     }
 
     for (int r = 0; r < rep; r++) {
@@ -386,17 +407,6 @@ static void transpose_rows(const float *restrict src, long ss, int count, int d,
     }
 }
 
-/* out = R x for one head (D) at one position, R the rotary embedding (cos, ssin: rotate_half's
- * sign folded into ssin), or out = R^T x when `transpose` (the backward's rotation). */
-static inline void rotate_head(const float *restrict x, const float *restrict cos_, const float *restrict ssin,
-                               float *restrict out, int d, int transpose)
-{
-    const int half = d / 2;
-    const float *s_lo = transpose ? ssin + half : ssin, *s_hi = transpose ? ssin : ssin + half;
-    for (int e = 0; e < half; e++) out[e] = x[e] * cos_[e] + x[e + half] * s_lo[e];
-    for (int e = 0; e < half; e++) out[e + half] = x[e + half] * cos_[e + half] + x[e] * s_hi[e];
-}
-
 /* The keys or values of one row and kv head: the first plen of its span are its prompt's (p, row
  * stride ps; NULL when plen is 0), the rest its own (x, row stride xs). */
 typedef struct {
@@ -495,13 +505,9 @@ int grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float 
             const span_rows values = {pv + pi * pvs_u + h * pvs_h, v + i * vs_n + h * vs_h, pvs_s, vs_s, plen};
             if (cos_) { /* the rotary embedding of the queries and own keys, at their positions */
                 const float *c0 = cos_ + (size_t)i * len * d, *s0 = ssin + (size_t)i * len * d;
-                for (int m = 0; m < m_rows; m++) {
-                    const int head = h * rep + m / len, l = m % len;
-                    rotate_head(q + i * qs_n + head * qs_h + l * qs_l, c0 + (size_t)l * d, s0 + (size_t)l * d,
-                                qr + (size_t)m * d, d, 0);
-                }
-                for (int l = 0; l < len; l++)
-                    rotate_head(keys.x + l * ks_s, c0 + (size_t)l * d, s0 + (size_t)l * d, kr + (size_t)l * d, d, 0);
+                for (int r = 0; r < rep; r++)
+                    rotate_rows(q + i * qs_n + (h * rep + r) * qs_h, qs_l, len, c0, s0, d, qr + (size_t)r * len * d);
+                rotate_rows(keys.x, keys.xs, len, c0, s0, d, kr);
                 keys.x = kr;
                 keys.xs = d;
             }
@@ -582,9 +588,10 @@ int grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, 
             span_rows keys = {pk + pi * pks_u + h * pks_h, k + i * ks_n + h * ks_h, pks_s, ks_s, plen};
             const span_rows values = {pv + pi * pvs_u + h * pvs_h, v + i * vs_n + h * vs_h, pvs_s, vs_s, plen};
             const float *c0 = cos_ ? cos_ + (size_t)i * len * d : NULL, *s0 = cos_ ? ssin + (size_t)i * len * d : NULL;
-            if (cos_) {
-                for (int l = 0; l < own; l++)
-                    rotate_head(keys.x + l * ks_s, c0 + (size_t)l * d, s0 + (size_t)l * d, kr + (size_t)l * d, d, 0);
+            if (cos_) { /* the rotated queries and own keys, as the forward used them */
+                for (int r = 0; r < rep; r++)
+                    rotate_rows(q + i * qs_n + (h * rep + r) * qs_h, qs_l, len, c0, s0, d, qb + (size_t)r * len * d);
+                rotate_rows(keys.x, keys.xs, own, c0, s0, d, kr);
                 keys.x = kr;
                 keys.xs = d;
             }
@@ -598,11 +605,7 @@ int grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, 
                 while (last > 0 && pr[last - 1] == 0.0f) last--;
                 ends[m] = last;
                 memcpy(gb + (size_t)m * d, grad + i * gs_n + head * gs_h + l * gs_l, sizeof(float) * d);
-                if (cos_)
-                    rotate_head(q + i * qs_n + head * qs_h + l * qs_l, c0 + (size_t)l * d, s0 + (size_t)l * d,
-                                qb + (size_t)m * d, d, 0);
-                else
-                    memcpy(qb + (size_t)m * d, q + i * qs_n + head * qs_h + l * qs_l, sizeof(float) * d);
+                if (!cos_) memcpy(qb + (size_t)m * d, q + i * qs_n + head * qs_h + l * qs_l, sizeof(float) * d);
             }
             for (int m0 = 0; m0 < m_rows; m0 += 4) {
                 const int rows = m_rows - m0 < 4 ? m_rows - m0 : 4;
@@ -660,17 +663,10 @@ int grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, 
                     }
             }
             if (cos_) { /* back through the rotary embedding: R^T of the rotated q's and own keys' gradients */
-                for (int m = 0; m < m_rows; m++) {
-                    const int head = h * rep + m / len, l = m % len;
-                    float *row = dq + ((size_t)i * len + l) * hq * d + (size_t)head * d;
-                    memcpy(tmp, row, sizeof(float) * d);
-                    rotate_head(tmp, c0 + (size_t)l * d, s0 + (size_t)l * d, row, d, 1);
-                }
-                for (int l = 0; l < own; l++) {
-                    float *row = dk + ((size_t)b * own + l) * d;
-                    memcpy(tmp, row, sizeof(float) * d);
-                    rotate_head(tmp, c0 + (size_t)l * d, s0 + (size_t)l * d, row, d, 1);
-                }
+                for (int r = 0; r < rep; r++)
+                    rotate_rows_back(dq + (size_t)i * len * hq * d + (size_t)(h * rep + r) * d, (long)hq * d, len, c0,
+                                     s0, d, tmp);
+                rotate_rows_back(dk + (size_t)b * own * d, d, own, c0, s0, d, tmp);
             }
         }
         free(vt);
@@ -881,20 +877,13 @@ long grpo_dropped_positions(uint64_t seed, long n, float inv_log_q, long *out, l
 void grpo_rotary(const float *x, long sx_n, long sx_l, long sx_h, const float *cos_, const float *ssin, float *out,
                  long n, long len, int heads, int d, int transpose, int threads)
 {
-    const int half = d / 2;
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) if (n * len * heads * d >= 32768)
     for (long b = 0; b < n; b++)
         for (long l = 0; l < len; l++) {
             const float *c = cos_ + (b * len + l) * d, *s = ssin + (b * len + l) * d;
-            const float *s_lo = transpose ? s + half : s, *s_hi = transpose ? s : s + half;
-            for (int h = 0; h < heads; h++) {
-                const float *xi = x + b * sx_n + l * sx_l + h * sx_h;
-                float *o = out + ((b * len + l) * heads + h) * d;
-#pragma omp simd
-                for (int e = 0; e < half; e++) o[e] = xi[e] * c[e] + xi[e + half] * s_lo[e];
-#pragma omp simd
-                for (int e = 0; e < half; e++) o[e + half] = xi[e + half] * c[e + half] + xi[e] * s_hi[e];
-            }
+            for (int h = 0; h < heads; h++)
+                rotate_head(x + b * sx_n + l * sx_l + h * sx_h, c, s, 1.0f, out + ((b * len + l) * heads + h) * d, d,
+                            transpose);
         }
 }
 
