@@ -415,6 +415,20 @@ typedef struct {
     int plen;
 } span_rows;
 
+/* The rotary embedding for one row and kv head h of the attention kernels: its rep query heads
+ * (q_i: the row's q, heads qs_h and positions qs_l apart) rotated into qr (rep L, D), and the
+ * span's own keys (at positions 0..own-1) rotated into kr, which the span then reads. */
+static void rotate_queries_and_keys(const float *q_i, long qs_h, long qs_l, int h, int rep, int len,
+                                    span_rows *keys, int own, const float *c0, const float *s0, int d, float *qr,
+                                    float *kr)
+{
+    for (int r = 0; r < rep; r++)
+        rotate_rows(q_i + (h * rep + r) * qs_h, qs_l, len, c0, s0, d, qr + (size_t)r * len * d);
+    rotate_rows(keys->x, keys->xs, own, c0, s0, d, kr);
+    keys->x = kr;
+    keys->xs = d;
+}
+
 /* (d, ld) = the transpose of a span's `span` rows, zero-padded from column span to ld. */
 static void transpose_span(span_rows r, int span, int d, float *restrict dst, int ld)
 {
@@ -503,14 +517,9 @@ int grpo_attention(const float *q, long qs_n, long qs_h, long qs_l, const float 
             const int h = (int)(b % hkv);
             span_rows keys = {pk + pi * pks_u + h * pks_h, k + i * ks_n + h * ks_h, pks_s, ks_s, plen};
             const span_rows values = {pv + pi * pvs_u + h * pvs_h, v + i * vs_n + h * vs_h, pvs_s, vs_s, plen};
-            if (cos_) { /* the rotary embedding of the queries and own keys, at their positions */
-                const float *c0 = cos_ + (size_t)i * len * d, *s0 = ssin + (size_t)i * len * d;
-                for (int r = 0; r < rep; r++)
-                    rotate_rows(q + i * qs_n + (h * rep + r) * qs_h, qs_l, len, c0, s0, d, qr + (size_t)r * len * d);
-                rotate_rows(keys.x, keys.xs, len, c0, s0, d, kr);
-                keys.x = kr;
-                keys.xs = d;
-            }
+            if (cos_) /* the rotary embedding of the queries and own keys, at their positions */
+                rotate_queries_and_keys(q + i * qs_n, qs_h, qs_l, h, rep, len, &keys, len, cos_ + (size_t)i * len * d,
+                                        ssin + (size_t)i * len * d, d, qr, kr);
             transpose_span(keys, span, d, kt, s16);
             for (int m0 = 0; m0 < m_rows; m0 += 4) {
                 const int rows = m_rows - m0 < 4 ? m_rows - m0 : 4;
@@ -588,13 +597,8 @@ int grpo_attention_backward(const float *grad, long gs_n, long gs_h, long gs_l, 
             span_rows keys = {pk + pi * pks_u + h * pks_h, k + i * ks_n + h * ks_h, pks_s, ks_s, plen};
             const span_rows values = {pv + pi * pvs_u + h * pvs_h, v + i * vs_n + h * vs_h, pvs_s, vs_s, plen};
             const float *c0 = cos_ ? cos_ + (size_t)i * len * d : NULL, *s0 = cos_ ? ssin + (size_t)i * len * d : NULL;
-            if (cos_) { /* the rotated queries and own keys, as the forward used them */
-                for (int r = 0; r < rep; r++)
-                    rotate_rows(q + i * qs_n + (h * rep + r) * qs_h, qs_l, len, c0, s0, d, qb + (size_t)r * len * d);
-                rotate_rows(keys.x, keys.xs, own, c0, s0, d, kr);
-                keys.x = kr;
-                keys.xs = d;
-            }
+            if (cos_) /* the rotated queries and own keys, as the forward used them */
+                rotate_queries_and_keys(q + i * qs_n, qs_h, qs_l, h, rep, len, &keys, own, c0, s0, d, qb, kr);
             transpose_span(values, span, d, vt, s16);
             for (int m = 0; m < m_rows; m++) {
                 const int head = h * rep + m / len, l = m % len;
