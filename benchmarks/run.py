@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads in each run (0 = default).")
     p.add_argument("--model-dir", default="artifacts/bench", help="Where the benchmark models are built.")
-    p.add_argument("--out", default=str(HERE / "results.json"), help="JSON file with every result.")
+    p.add_argument(
+        "--out", default="artifacts/bench/results.json", help="JSON file with every result (default: %(default)s)."
+    )
     p.add_argument("--timeout", type=float, default=3600, help="Seconds allowed per run.")
     args = p.parse_args(argv)
     if args.quick:
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     print("Median seconds per phase:")
     print(phase_table(rows))
     report = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "workload": {k: getattr(args, k) for k in ("prompts", "group", "new_tokens", "lora_r", "lora_alpha",
                                                   "beta", "lr", "steps", "warmup", "seed", "threads")},
