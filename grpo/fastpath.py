@@ -73,7 +73,13 @@ from grpo.algorithm import in_row_blocks
 from grpo.config import GenerationConfig
 from grpo.native import DecodeStep, MklGemm, NativeKernels, PackedMatrix, kernels, mkl_gemm
 from grpo.rollout import (
-    SAMPLERS, Rollout, TransformersGenerator, _completion_texts, _unique, pick_tokens, tokenize_prompts,
+    SAMPLERS,
+    Rollout,
+    TransformersGenerator,
+    _completion_texts,
+    _unique,
+    pick_tokens,
+    tokenize_prompts,
 )
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -549,6 +555,22 @@ def _split_peft(model: Any) -> tuple[Any, Any]:
     return model, None
 
 
+def rope_parameters(cfg: Any) -> dict[str, Any]:
+    """The config's rope parameters as one dict in the transformers 5 layout (`rope_type`,
+    `rope_theta`, scaling keys): v5 configs carry `rope_parameters`; v4 configs carry
+    `rope_theta` and `rope_scaling` (None for the default rope; "type" is the older spelling
+    of "rope_type"). `rope_theta` is left out when the config has none."""
+    if hasattr(cfg, "rope_parameters"):
+        return dict(getattr(cfg, "rope_parameters", None) or {})
+    scaling = dict(getattr(cfg, "rope_scaling", None) or {})
+    legacy_type = scaling.pop("type", "default")
+    rope = {**scaling, "rope_type": scaling.get("rope_type", legacy_type)}
+    theta = getattr(cfg, "rope_theta", None)
+    if theta is not None:
+        rope["rope_theta"] = theta
+    return rope
+
+
 def unsupported_reason(model: Any) -> str | None:
     """Why `model` cannot take the fast path (one line), or None when it can."""
     from transformers import Qwen2ForCausalLM
@@ -567,7 +589,7 @@ def unsupported_reason(model: Any) -> str | None:
     cfg = base.config
     if getattr(cfg, "hidden_act", None) != "silu":
         return f"hidden_act {cfg.hidden_act!r} is not silu"
-    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope = rope_parameters(cfg)
     if rope.get("rope_type", "default") != "default" or "rope_theta" not in rope:
         return f"rope parameters {rope!r} are not the default rope"
     if float(getattr(cfg, "attention_dropout", 0.0) or 0.0) != 0.0:
@@ -693,7 +715,7 @@ class FastQwen2:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
         self.hidden_size = int(cfg.hidden_size)
         self.eps = float(cfg.rms_norm_eps)
-        self.rope_theta = float(cfg.rope_parameters["rope_theta"])
+        self.rope_theta = float(rope_parameters(cfg)["rope_theta"])
         inner = base.model
         self.inv_freq = inner.rotary_emb.inv_freq  # (D/2,) float32
         self.embed = inner.embed_tokens.weight  # (V, H)
@@ -832,7 +854,8 @@ class FastQwen2:
         ]  # fmt: skip
         dims = {"n": rows.shape[0], "h": self.hidden_size, "inter": self.gen_layers[0].down_t.shape[0],
                 "hq": self.num_heads, "hkv": self.num_kv_heads, "d": self.head_dim}  # fmt: skip
-        return DecodeStep(native, gemm, layers, self.embed, self.norm, packs[-1]["head"], prompt_mask, rows, dims, self.eps)
+        head = packs[-1]["head"]
+        return DecodeStep(native, gemm, layers, self.embed, self.norm, head, prompt_mask, rows, dims, self.eps)
 
     # -- building blocks ---------------------------------------------------------------------
 
@@ -1182,7 +1205,8 @@ class FastQwen2:
                     kc[:, :, slot].copy_(qk[:, hq:])
                     vc[:, :, slot].copy_(qkv[:, qk_dim:].view(n, hkv, d))
                     q = qk[:, :hq].reshape(n * hkv, rep, d)  # (N Hkv, rep, D)
-                    att = torch.baddbmm(add_mask[:, :, :length], q, keys_t[:, :, :length], alpha=scale)  # (N Hkv, rep, L)
+                    # (N Hkv, rep, L)
+                    att = torch.baddbmm(add_mask[:, :, :length], q, keys_t[:, :, :length], alpha=scale)
                     att = torch.bmm(att.softmax(dim=-1), values[:, :length])  # (N Hkv, rep, D)
                     att = att.view(n, hq * d)  # (N, Hq D)
                 x = x.addmm_(att, g.o_t)  # (N, H): the residual stream, updated in place

@@ -19,17 +19,21 @@ T completion tokens, V vocabulary.
 from __future__ import annotations
 
 import inspect
+import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from grpo.config import GenerationConfig, ModelConfig
 from grpo.errors import UserError
 from grpo.models import ensure_base_model, stop_token_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -478,12 +482,14 @@ def _lora_rank(model: Any) -> int:
 def make_generator(model: Any, tokenizer: Any, gen: GenerationConfig, model_cfg: ModelConfig) -> Any:
     """The generator `gen.backend` names: `VLLMGenerator`, or for transformers the fast path
     (`grpo.fastpath.FastGenerator`) when `gen.fast_path` and the model is a supported Qwen2,
-    else `TransformersGenerator`."""
+    else `TransformersGenerator` (with one INFO line naming why, when `gen.fast_path` was on)."""
     if gen.backend == "vllm":
         return VLLMGenerator(model, tokenizer, gen, model_cfg)
     if gen.fast_path:
-        from grpo.fastpath import FastGenerator, supports  # fastpath imports this module
+        from grpo.fastpath import FastGenerator, unsupported_reason  # fastpath imports this module
 
-        if supports(model):
+        reason = unsupported_reason(model)
+        if reason is None:
             return FastGenerator(model, tokenizer, gen)
+        log.info("fast path off: %s; sampling with TransformersGenerator", reason)
     return TransformersGenerator(model, tokenizer, gen)

@@ -8,6 +8,7 @@ the adapter changes the output. The plain path (`grpo.algorithm.completion_logpr
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import grpo.fastpath as fastpath_module
 from grpo.algorithm import completion_logprobs, grpo_loss
 from grpo.config import GenerationConfig, LoraConfig, ModelConfig
 from grpo.fastpath import (
@@ -27,15 +29,15 @@ from grpo.fastpath import (
     onednn_linear_available,
     onednn_packing_available,
     pick_tokens,
+    rope_parameters,
     selective_head_logprobs,
     supports,
     torch_dropped_positions,
     unsupported_reason,
 )
-from grpo.native import kernels
 from grpo.models import attach_lora, build_tiny_model, load_base_model, load_tokenizer, stop_token_ids
+from grpo.native import kernels
 from grpo.rollout import TransformersGenerator
-import grpo.fastpath as fastpath_module
 
 PROMPTS = [
     "nums: 1 2 3 target: 6\n",
@@ -373,7 +375,9 @@ def test_sparse_lora_dropout_equals_the_keep_mask(policy, dnn: bool, p: float, m
         assert err <= 1e-5 * float(ref.abs().max()), f"max |diff| {err:.3g} vs max |ref| {float(ref.abs().max()):.3g}"
 
 
-def test_grouped_projections_dropout_equals_the_keep_masks(policy, native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouped_projections_dropout_equals_the_keep_masks(
+    policy, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """q/k/v share one input and draw one dropout mask each (in that order). With the native
     kernels the group runs one x A^T product and corrects it at each projection's dropped entries
     (forward and backward); without them each projection zeroes its own copy of x. Both: the
@@ -504,7 +508,8 @@ def test_stops_min_tokens_and_early_exit_identical(policy) -> None:
             assert (~a.truncated).all() and a.completion_ids.shape[1] < 12  # every row stopped early
     for seed in range(3):
         a = hf.generate(PROMPTS, 4, max_new_tokens=12, min_new_tokens=3, generator=torch.Generator().manual_seed(seed))
-        b = fast.generate(PROMPTS, 4, max_new_tokens=12, min_new_tokens=3, generator=torch.Generator().manual_seed(seed))
+        rng = torch.Generator().manual_seed(seed)
+        b = fast.generate(PROMPTS, 4, max_new_tokens=12, min_new_tokens=3, generator=rng)
         assert_same_rollout(a, b)
 
 
@@ -576,14 +581,80 @@ def test_unsupported_models_fall_back(kind: str) -> None:
         completion_logprobs_fast(model, ids, ids, ids, ids)
 
 
+def test_make_generator_logs_why_the_fast_path_is_off(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from grpo.rollout import make_generator
+
+    model, tok = _tiny_config_model("qwen2-rope-linear"), load_tokenizer(str(tiny_model_dir))
+    reason = unsupported_reason(model)
+    assert reason
+    with caplog.at_level(logging.INFO, logger="grpo.rollout"):
+        gen = make_generator(model, tok, GenerationConfig(fast_path=True), ModelConfig())
+    assert type(gen) is TransformersGenerator
+    records = [r for r in caplog.records if r.name == "grpo.rollout"]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    assert "fast path off" in records[0].getMessage() and reason in records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="grpo.rollout"):
+        make_generator(model, tok, GenerationConfig(fast_path=False), ModelConfig())
+    assert not [r for r in caplog.records if r.name == "grpo.rollout"]
+
+
+class _V4Config:
+    """A transformers-4-style view of a v5 config: `rope_theta` / `rope_scaling` instead of
+    `rope_parameters`, every other attribute read through."""
+
+    def __init__(self, cfg: Any, rope_theta: float | None, rope_scaling: dict[str, Any] | None) -> None:
+        self._cfg, self.rope_theta, self.rope_scaling = cfg, rope_theta, rope_scaling
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("rope_parameters", "_cfg"):
+            raise AttributeError(name)
+        return getattr(self._cfg, name)
+
+
+@pytest.mark.parametrize(
+    "v5, v4",
+    [
+        ({"rope_type": "default", "rope_theta": 10000.0}, {"rope_theta": 10000.0, "rope_scaling": None}),
+        ({"rope_type": "default", "rope_theta": 1e6}, {"rope_theta": 1e6, "rope_scaling": {"rope_type": "default"}}),
+        ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+         {"rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}}),
+        ({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
+         {"rope_theta": 1e4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+    ],
+)
+def test_rope_parameters_read_v4_and_v5_configs(v5: dict[str, Any], v4: dict[str, Any]) -> None:
+    from types import SimpleNamespace
+
+    assert rope_parameters(SimpleNamespace(rope_parameters=v5)) == v5
+    assert rope_parameters(SimpleNamespace(**v4)) == v5
+    assert rope_parameters(SimpleNamespace(rope_parameters=None)) == {}
+
+
+def test_v4_style_config_takes_the_fast_path() -> None:
+    model = _tiny_config_model("qwen2")
+    rope = rope_parameters(model.config)  # the installed transformers' own layout
+    assert rope["rope_type"] == "default"
+    theta = float(rope["rope_theta"])
+    model.config = _V4Config(model.config, theta, None)
+    assert unsupported_reason(model) is None
+    assert FastQwen2(model).rope_theta == theta
+    model.config = _V4Config(model.config._cfg, theta, {"type": "linear", "factor": 2.0})
+    assert "not the default rope" in (unsupported_reason(model) or "")
+
+
 def test_supported_and_unsupported_adapters() -> None:
     import peft
 
     plain = _tiny_config_model("qwen2")
     assert supports(plain), unsupported_reason(plain)
-    lora = peft.get_peft_model(_tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    lora = peft.get_peft_model(
+        _tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"])
+    )
     assert supports(lora), unsupported_reason(lora)
-    dora = peft.get_peft_model(_tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    dora = peft.get_peft_model(
+        _tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
     assert not supports(dora)
     head = peft.get_peft_model(_tiny_config_model("qwen2"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
     assert not supports(head)
@@ -624,7 +695,8 @@ def test_dropped_positions_gaps_are_geometric(p: float, native: bool) -> None:
     n = 4_000_000
     torch.manual_seed(11)
     drops = dropped_positions(n, p, torch.device("cpu"))
-    assert drops.dtype == torch.int64 and bool((drops[1:] > drops[:-1]).all()) and 0 <= int(drops[0]) and int(drops[-1]) < n
+    assert drops.dtype == torch.int64 and bool((drops[1:] > drops[:-1]).all())
+    assert 0 <= int(drops[0]) and int(drops[-1]) < n
     gaps = torch.diff(drops).double()  # (k - 1,)
     k = gaps.numel()
     bins = 40 if p == 0.05 else 150  # P(gap > bins) is about a tenth
