@@ -17,14 +17,7 @@ environment (set MLFLOW_TRACKING_URI here to send runs to an MLflow server). Sto
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
-
-# `python deployments/serve.py` puts deployments/ first on sys.path; the flows live at the root.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 FINETUNE_DEPLOYMENT = "nightly"
 PROMOTE_DEPLOYMENT = "on-demand"
@@ -55,8 +48,8 @@ def build_deployments(
     """The two `RunnerDeployment`s: finetune (on `cron` in `timezone`; None = unscheduled) and promote."""
     from prefect.schedules import Cron
 
-    from flows.finetune import finetune
-    from flows.promote import promote
+    from grpo_pipeline.flows.finetune import finetune
+    from grpo_pipeline.flows.promote import promote
 
     schedules = [Cron(cron, timezone=timezone)] if cron else None
     return [
@@ -77,7 +70,8 @@ def build_deployments(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python deployments/serve.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--cron", default=NIGHTLY_CRON, help="Schedule of the finetune deployment (default: %(default)s).")
+    parser.add_argument("--cron", default=NIGHTLY_CRON,
+                        help="Schedule of the finetune deployment (default: %(default)s).")
     parser.add_argument("--timezone", default=TIMEZONE, help="IANA timezone of --cron (default: %(default)s).")
     parser.add_argument("--no-schedule", action="store_true", help="Serve without a schedule (manual runs only).")
     parser.add_argument("--config", default=None, help="YAML recipe stored as the default parameters.")

@@ -12,7 +12,7 @@ One row per run: run name and id, the config values (MLflow params) that differ 
 best and final held-out accuracy (metric `eval/accuracy`), steps (last step of `reward_mean`), wall
 time, and the registered model versions created from the run. The plot draws eval accuracy and
 train reward against step for the same runs. Works the same against a local sqlite URI and an
-`mlflow server`. Pure: MLflow client only, no Prefect.
+`mlflow server`. Pure: MLflow through `grpo.tracking` only, no Prefect.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from grpo import tracking
 from grpo.errors import TrackingError, UserError
 from grpo.plots import new_figure
 from grpo.tracking import check_tracking, resolve_tracking_uri
@@ -36,47 +37,30 @@ LEAD_COLUMNS = ["run_name", "run_id"]
 RESULT_COLUMNS = ["best_accuracy", "final_accuracy", "steps", "wall_time_s", "status", "registered_versions"]
 
 
-def _client(tracking_uri: str | None) -> tuple[Any, str]:
-    """An MLflow client for `tracking_uri` (None: $MLFLOW_TRACKING_URI, else ./mlflow.db); a
-    server that does not answer fails here, in one line, instead of after MLflow's retries."""
-    from mlflow.tracking import MlflowClient
-
+def _uri(tracking_uri: str | None) -> str:
+    """The tracking URI (None: $MLFLOW_TRACKING_URI, else ./mlflow.db); a server that does not
+    answer fails here, in one line, instead of after MLflow's retries."""
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    return uri
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def _history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) points of one metric, sorted by step then timestamp (last write wins)."""
-    ms = client.get_metric_history(run_id, key)
+    ms = tracking.metric_history(uri, run_id, key)
     return [(m.step, m.value) for m in sorted(ms, key=lambda m: (m.step, m.timestamp))]
 
 
-def _runs(client: Any, uri: str, experiment: str, run_ids: list[str] | None) -> list[Any]:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        exp = client.get_experiment_by_name(experiment)
-    except MlflowException as e:
-        raise TrackingError(f"MLflow at {uri} refused the request ({_one_line(e)}); check --tracking-uri") from None
-    except Exception as e:  # connection refused, DNS, ...
-        raise TrackingError(
-            f"MLflow at {uri} does not answer ({type(e).__name__}); start it or fix --tracking-uri"
-        ) from None
-    if exp is None:
+def _runs(uri: str, experiment: str, run_ids: list[str] | None) -> list[Any]:
+    runs = tracking.experiment_runs(uri, experiment)
+    if runs is None:
         raise TrackingError(
             f"experiment {experiment!r} not found at {uri}; pass --experiment NAME (see the MLflow UI)"
         )
-    runs = client.search_runs([exp.experiment_id], order_by=["attribute.start_time ASC"], max_results=1000)
     if run_ids is not None:
         wanted = set(run_ids)
         runs = [r for r in runs if r.info.run_id in wanted]
-    return list(runs)
+    return runs
 
 
 def differing_params(params: list[dict[str, str]]) -> list[str]:
@@ -85,12 +69,8 @@ def differing_params(params: list[dict[str, str]]) -> list[str]:
     return [k for k in keys if len({p.get(k) for p in params}) > 1]
 
 
-def _registered_versions(client: Any, run_id: str) -> str:
-    try:
-        versions = client.search_model_versions(f"run_id = '{run_id}'")
-    except Exception:  # a tracking store without a registry
-        return ""
-    return ", ".join(sorted(f"{v.name} v{v.version}" for v in versions))
+def _registered_versions(uri: str, run_id: str) -> str:
+    return ", ".join(sorted(f"{v.name} v{v.version}" for v in tracking.run_versions(uri, run_id)))
 
 
 def compare_runs(
@@ -101,15 +81,15 @@ def compare_runs(
     Missing values (a run without evaluations, a run still running) are NaN / None.
     Raises `TrackingError` when the server does not answer or the experiment does not exist.
     """
-    client, uri = _client(tracking_uri)
-    runs = _runs(client, uri, experiment, run_ids)
+    uri = _uri(tracking_uri)
+    runs = _runs(uri, experiment, run_ids)
     params = [dict(r.data.params) for r in runs]
     diff = differing_params(params) if len(runs) > 1 else []
     rows = []
     for run, p in zip(runs, params):
         info = run.info
-        acc = _history(client, info.run_id, ACCURACY_METRIC)
-        reward = _history(client, info.run_id, REWARD_METRIC)
+        acc = _history(uri, info.run_id, ACCURACY_METRIC)
+        reward = _history(uri, info.run_id, REWARD_METRIC)
         row: dict[str, Any] = {"run_name": info.run_name, "run_id": info.run_id}
         row.update({k: p.get(k) for k in diff})
         row["best_accuracy"] = max(v for _, v in acc) if acc else math.nan
@@ -119,7 +99,7 @@ def compare_runs(
             (info.end_time - info.start_time) / 1000.0 if info.end_time and info.start_time else math.nan
         )
         row["status"] = info.status
-        row["registered_versions"] = _registered_versions(client, info.run_id)
+        row["registered_versions"] = _registered_versions(uri, info.run_id)
         rows.append(row)
     return pd.DataFrame(rows, columns=LEAD_COLUMNS + diff + RESULT_COLUMNS)
 
@@ -149,17 +129,17 @@ def plot_runs(
     `runs` is a frame from `compare_runs` (its run_id/run_name columns pick the runs); None
     compares every run of the experiment. Returns the PNG path.
     """
-    client, uri = _client(tracking_uri)
+    uri = _uri(tracking_uri)
     if runs is None:
         runs = compare_runs(uri, experiment)
     fig = new_figure(12.0, 4.5)
     ax_a, ax_r = fig.subplots(1, 2)
     for run_id, name in zip(runs["run_id"], runs["run_name"]):
         label = f"{name} ({run_id[:8]})"
-        acc = _history(client, run_id, ACCURACY_METRIC)
+        acc = _history(uri, run_id, ACCURACY_METRIC)
         if acc:
             ax_a.plot([s for s, _ in acc], [v for _, v in acc], marker="o", label=label)
-        reward = _history(client, run_id, REWARD_METRIC)
+        reward = _history(uri, run_id, REWARD_METRIC)
         if reward:
             ax_r.plot([s for s, _ in reward], [v for _, v in reward], label=label)
     for ax, what in ((ax_a, f"eval accuracy ({ACCURACY_METRIC})"), (ax_r, f"train reward ({REWARD_METRIC})")):
@@ -181,9 +161,9 @@ def run_curves_from_mlflow(tracking_uri: str | None, run_id: str, title: str | N
     """`grpo.plots.plot_run_curves` for a logged run, reading its metrics back from MLflow."""
     from grpo.plots import plot_run_curves
 
-    client, _ = _client(tracking_uri)
-    history = [{"step": s, REWARD_METRIC: v} for s, v in _history(client, run_id, REWARD_METRIC)]
-    evals = [{"step": s, "accuracy": v} for s, v in _history(client, run_id, ACCURACY_METRIC)]
+    uri = _uri(tracking_uri)
+    history = [{"step": s, REWARD_METRIC: v} for s, v in _history(uri, run_id, REWARD_METRIC)]
+    evals = [{"step": s, "accuracy": v} for s, v in _history(uri, run_id, ACCURACY_METRIC)]
     return plot_run_curves(history, evals, title=title)
 
 

@@ -6,11 +6,15 @@
 
 `build_tiny_model` writes an offline stand-in for a real base model: a Qwen2-architecture
 decoder with random weights and a byte-level BPE tokenizer (at most 512 tokens; the synthetic
-Countdown corpus it is trained on yields about 460), saved so that `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(dir)` load
-it like any Hugging Face checkpoint. It is deterministic by seed (same bytes twice).
+Countdown corpus it is trained on yields about 460), saved so that `AutoModelForCausalLM` /
+`AutoTokenizer.from_pretrained(dir)` load it like any Hugging Face checkpoint. It is
+deterministic by seed (same bytes twice).
 `python -c "from grpo.models import build_tiny_model; build_tiny_model('artifacts/tiny-model')"`
 builds it by hand. GRPO trains only the LoRA adapter; the base weights stay frozen (the paper
 fine-tunes all weights).
+
+`cached_policy` hands the last loaded policy of the process from stage to stage (`POLICY_CACHE`,
+the one model cache); a retry in a fresh process loads it from disk.
 """
 
 from __future__ import annotations
@@ -102,8 +106,7 @@ def tiny_corpus(seed: int, num_problems: int = 2000) -> list[str]:
 
 def _train_tokenizer(seed: int, vocab_size: int) -> Any:
     """A byte-level BPE `PreTrainedTokenizerFast` with ChatML special tokens and tag tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-    from tokenizers import pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -322,21 +325,13 @@ def attach_lora(model: Any, lora: LoraConfig, seed: int = 0) -> Any:
         return peft.get_peft_model(model, config)
 
 
-def load_policy(
-    cfg: RunConfig, adapter_dir: str | None = None, *, reuse_base: bool = False
-) -> tuple[Any, Any]:
-    """Base model + trainable adapter (fresh LoRA, or the one saved in `adapter_dir`) and tokenizer.
-
-    `reuse_base=True` takes the base from `cached_base` (see there) instead of loading it again.
-    """
+def load_policy(cfg: RunConfig, adapter_dir: str | None = None) -> tuple[Any, Any]:
+    """Base model + trainable adapter (fresh LoRA, or the one saved in `adapter_dir`) and tokenizer."""
     from peft import PeftModel
 
-    if reuse_base:
-        base, tokenizer = cached_base(cfg.model)
-    else:
-        name = ensure_base_model(cfg.model)
-        tokenizer = load_tokenizer(name, cfg.model.revision)
-        base = load_base_model(cfg.model)
+    name = ensure_base_model(cfg.model)
+    tokenizer = load_tokenizer(name, cfg.model.revision)
+    base = load_base_model(cfg.model)
     if adapter_dir is None:
         return attach_lora(base, cfg.lora, seed=cfg.train.seed), tokenizer
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
@@ -348,44 +343,68 @@ def load_policy(
     return model, tokenizer
 
 
-def _has_adapter_layers(model: Any) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+class PolicyCache:
+    """The last loaded policy (peft model, tokenizer) of this process, under one key.
 
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
-
-
-def cached_base(cfg: ModelConfig, cache: dict[tuple, tuple[Any, Any]] | None = None) -> tuple[Any, Any]:
-    """(base model, tokenizer), loaded once per process and key (name_or_path, revision, dtype, device).
-
-    `get_peft_model` / `PeftModel.from_pretrained` inject adapter layers INTO the base, so a
-    cached base is only handed out again once its previous adapter is gone: call
-    `policy.unload()` (peft: removes the LoRA layers without merging) when done with a policy.
-    If adapter layers are still present, the stale entry is dropped and the base is loaded
-    again from disk, so a caller never gets a base that already carries someone's adapter.
-    Never merge an adapter into a cached base (`merge_and_unload`): that changes its weights.
+    Loading a model is the costly part of a stage, so consecutive stages in one process hand the
+    policy on through `POLICY_CACHE`, while a retry in a fresh process loads it from disk. One
+    entry only: a newer policy replaces the older one, so at most one model stays in memory.
+    `take` removes the entry (the caller is going to change the weights); `get` leaves it.
     """
-    store = _BASE_CACHE if cache is None else cache
-    name = ensure_base_model(cfg)
-    key = (name, cfg.revision, cfg.dtype, str(resolve_device(cfg)))
-    hit = store.get(key)
-    if hit is not None and not _has_adapter_layers(hit[0]):
-        model, tokenizer = hit
-        model.eval()
-        model.requires_grad_(False)
-        return model, tokenizer
-    store.pop(key, None)
-    tokenizer = load_tokenizer(name, cfg.revision)
-    model = load_base_model(cfg)
-    store[key] = (model, tokenizer)
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: tuple[Any, Any] | None = None
+
+    def get(self, key: tuple) -> tuple[Any, Any] | None:
+        return self._value if self._value is not None and self._key == key else None
+
+    def take(self, key: tuple) -> tuple[Any, Any] | None:
+        hit = self.get(key)
+        self.clear()
+        return hit
+
+    def put(self, key: tuple, model: Any, tokenizer: Any) -> None:
+        self._key, self._value = key, (model, tokenizer)
+
+    def clear(self) -> None:
+        self._key, self._value = None, None
+
+
+POLICY_CACHE = PolicyCache()
+"""The process's one model cache (see `PolicyCache`)."""
+
+
+def policy_key(cfg: RunConfig, checkpoint: str | os.PathLike[str] | None) -> tuple:
+    """Cache key: base model settings, LoRA settings and the checkpoint folder (None = fresh)."""
+    ckpt = str(Path(checkpoint).absolute()) if checkpoint is not None else None
+    return (cfg.model.model_dump_json(), cfg.lora.model_dump_json(), ckpt)
+
+
+def load_policy_at(cfg: RunConfig, checkpoint: str | os.PathLike[str] | None) -> tuple[Any, Any]:
+    """A policy from disk: base + fresh LoRA (seeded by train.seed), then the checkpoint's adapter."""
+    from grpo.checkpoint import load_checkpoint
+    from grpo.trainer import seed_everything
+
+    seed_everything(cfg.train.seed)  # the fresh adapter's initial weights
+    model, tokenizer = load_policy(cfg)
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, model=model, restore_rng_state=False)
     return model, tokenizer
 
 
-def clear_base_cache() -> None:
-    """Forget every cached base model (frees their memory once no one else holds them)."""
-    _BASE_CACHE.clear()
-
-
-_BASE_CACHE: dict[tuple, tuple[Any, Any]] = {}
+def cached_policy(
+    cfg: RunConfig, checkpoint: str | os.PathLike[str] | None, cache: PolicyCache = POLICY_CACHE
+) -> tuple[Any, Any]:
+    """The policy at `checkpoint` from the cache, else loaded from disk (and cached)."""
+    key = policy_key(cfg, checkpoint)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    cache.clear()
+    model, tokenizer = load_policy_at(cfg, checkpoint)
+    cache.put(key, model, tokenizer)
+    return model, tokenizer
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

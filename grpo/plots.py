@@ -1,10 +1,10 @@
 """Curves of one run: train reward and held-out accuracy against step, as a matplotlib Figure.
 
-The finetune flow logs the figure as an MLflow image artifact when a run ends:
+The finetune flow logs the figure as an MLflow image artifact when a run ends (`grpo.stages.runs.close_run`):
 
     from grpo.plots import plot_run_curves
     fig = plot_run_curves(history, evals, title=cfg.name)   # history: trainer step metrics
-    mlflow.MlflowClient().log_figure(run_id, fig, "plots/curves.png")
+    tracking.log_figure(uri, run_id, fig, "plots/curves.png")   # grpo.tracking
 
 Figures are built with the Agg canvas directly (no pyplot state, no display needed), so this works
 in worker processes and tests. Nothing here departs from the paper; it only draws what was logged.

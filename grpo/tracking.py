@@ -39,7 +39,7 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from grpo.errors import TrackingError
+from grpo.errors import TrackingError, TrackingReadError
 
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
@@ -240,6 +240,18 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
             client.log_batch(run_id, params=todo[i : i + PARAMS_PER_BATCH], synchronous=True)
 
 
+def experiment_runs(uri: str, experiment: str, max_results: int = 1000) -> list[Any] | None:
+    """The runs of `experiment`, oldest first; None when there is no such experiment."""
+    client = _client(uri)
+    with _errors(f"MLflow at {uri}: experiment {experiment!r}"):
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        return list(client.search_runs(
+            [exp.experiment_id], order_by=["attribute.start_time ASC"], max_results=max_results
+        ))
+
+
 def find_run(uri: str, experiment: str, tag_key: str, tag_value: str) -> str | None:
     """Id of the newest active run in `experiment` tagged `tag_key=tag_value`, or None."""
     client = _client(uri)
@@ -270,13 +282,53 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
         _client(uri).set_terminated(run_id, status=status)
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again (a retried flow run continues it)."""
+    with _errors(f"MLflow run {run_id}"):
+        _client(uri).update_run(run_id, status="RUNNING")
+
+
+def run_info(uri: str, run_id: str) -> Any:
+    """The run's `RunInfo`: status, experiment_id, start_time (ms)."""
+    with _errors(f"MLflow run {run_id}"):
+        return _client(uri).get_run(run_id).info
+
+
+def read_json_artifact(uri: str, run_id: str, artifact_file: str) -> Any | None:
+    """The parsed JSON artifact `artifact_file` of a run, or None when the run has no such file.
+
+    Only a listing that answers without the file counts as absent: a store that fails to answer,
+    a failed download or unparsable content raise `TrackingReadError` (retryable), never None."""
+    client = _client(uri)
+    folder, _, name = artifact_file.rpartition("/")
+    what = f"MLflow run {run_id}: artifact {artifact_file!r}"
+    try:
+        listed = {Path(f.path).name for f in client.list_artifacts(run_id, folder or None) if not f.is_dir}
+        if name not in listed:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_file, tracking_uri=uri, dst_path=tmp
+            )
+            return json.loads(Path(local).read_text())
+    except MlflowException as e:
+        raise TrackingReadError(f"{what} could not be read ({_one_line(e.message, 200)})") from e
+    except (OSError, ValueError) as e:
+        raise TrackingReadError(f"{what} could not be read ({_one_line(str(e), 200)})") from e
+
+
 # ----------------------------------------------------------------------------- metrics
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[Metric]:
+    """Every logged value of metric `key` (each with .step, .value, .timestamp)."""
+    with _errors(f"MLflow run {run_id}: metric {key!r}"):
+        return list(_client(uri).get_metric_history(run_id, key))
 
 
 def logged_steps(uri: str, run_id: str, key: str) -> set[int]:
     """Steps at which metric `key` is already logged: a retried round skips them."""
-    with _errors(f"MLflow run {run_id}: metric {key!r}"):
-        return {m.step for m in _client(uri).get_metric_history(run_id, key)}
+    return {m.step for m in metric_history(uri, run_id, key)}
 
 
 def log_metrics(
@@ -513,6 +565,16 @@ def register_version(
     return str(mv.version)
 
 
+def run_versions(uri: str, run_id: str, name: str | None = None) -> list[Any]:
+    """Registered versions created from MLflow run `run_id`, of model `name` or of any model."""
+    query = f"run_id = {_quote(run_id)}"
+    if name is not None:
+        _check_name(name)
+        query = f"name = {_quote(name)} and {query}"
+    with _errors(f"MLflow registered model {name or 'versions'!r}"):
+        return list(_client(uri).search_model_versions(query))
+
+
 def find_version(uri: str, name: str, tag_key: str, tag_value: str) -> str | None:
     """The version of `name` tagged `tag_key=tag_value` (the lowest, if several), or None."""
     _check_name(name)
@@ -563,16 +625,10 @@ def set_alias(uri: str, name: str, alias: str, version: str | int) -> None:
 
 def get_alias_version(uri: str, name: str, alias: str) -> str | None:
     """The version `alias` points at, or None when the alias is not set (the model must exist)."""
-    client = _client(uri)
     with _errors(f"MLflow registered model {name!r}"):
-        model = client.get_registered_model(name)
-    aliases = getattr(model, "aliases", None) or {}
-    if alias in aliases:
-        return str(aliases[alias])
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+        model = _client(uri).get_registered_model(name)
+    version = (model.aliases or {}).get(alias)
+    return None if version is None else str(version)
 
 
 def set_version_tags(uri: str, name: str, version: str | int, tags: Mapping[str, Any]) -> None:

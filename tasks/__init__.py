@@ -1,6 +1,6 @@
 """Thin Prefect tasks: each calls one stage of `grpo.stages` and passes small pydantic refs.
 
-    from tasks.train import train_round
+    from grpo_pipeline.tasks.train import train_round
     ckpt = train_round.fn(cfg, dataset_ref, 0, run_id, tracking_uri)   # the logic, no Prefect run
 
 Retries: every task that does work retries with exponential backoff (1 s, 2 s, ...) on anything
@@ -13,6 +13,6 @@ stages carry their own caches (prepared splits on disk, checkpoints, registry ta
 
 from __future__ import annotations
 
-from tasks.retry import BACKOFF_SECONDS, RETRIES, RETRY_OPTIONS, retry_unless_user_error
+from grpo_pipeline.tasks.retry import BACKOFF_SECONDS, RETRIES, RETRY_OPTIONS, retry_unless_user_error
 
 __all__ = ["BACKOFF_SECONDS", "RETRIES", "RETRY_OPTIONS", "retry_unless_user_error"]

@@ -2,7 +2,8 @@
 
     @task(name="train-round", **RETRY_OPTIONS)
 
-A `grpo.errors.UserError` (config, data, path) does not heal by waiting, so it is never retried.
+A `grpo.errors.UserError` (config, data, path) does not heal by waiting, so it is not retried,
+unless it says it may be transient (`retryable`, e.g. `TrackingReadError`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ BACKOFF_SECONDS = 1.0
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry any failure except a `UserError`."""
+    """Prefect `retry_condition_fn`: retry any failure except a `UserError` that is not `retryable`."""
     try:
         state.result()
-    except UserError:
-        return False
-    except BaseException:
+    except UserError as e:
+        return e.retryable
+    except BaseException:  # noqa: BLE001 - the failure to judge, whatever it is
         return True
     return True
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from grpo.cli import main, set_env_defaults
+from grpo_pipeline.cli import main, set_env_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "grpo", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "grpo_pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=120,
         env={**os.environ, **(env or {})},
     )
 
@@ -35,7 +35,7 @@ def test_help_is_fast_and_does_not_import_prefect() -> None:
         assert out.stdout.startswith("usage: grpo"), out.stdout
     assert "--set KEY=VALUE" in _run("run", "--help").stdout
     code = (
-        "import sys, grpo.cli as c; c.build_parser(); "
+        "import sys, grpo_pipeline.cli as c; c.build_parser(); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'torch', 'mlflow')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from grpo.config import LORA_TARGETS, ModelConfig, RunConfig
 from grpo.errors import ConfigError, ModelLoadError
 from grpo.models import (
+    PolicyCache,
     attach_lora,
     build_tiny_model,
-    cached_base,
+    cached_policy,
     ensure_base_model,
     load_base_model,
     load_policy,
     load_tokenizer,
+    policy_key,
     resolve_device,
     stop_token_ids,
     tiny_corpus,
@@ -241,19 +242,18 @@ def test_load_policy_bad_adapter_dir(tiny: Path, tmp_path: Path) -> None:
         load_policy(run_cfg(tiny, device="cpu"), str(tmp_path / "empty"))
 
 
-def test_cached_base_reuses_clean_base_only(tiny: Path, tmp_path: Path) -> None:
-    local = tmp_path / "tiny"
-    shutil.copytree(tiny, local)
-    cfg = ModelConfig(name_or_path=str(local), device="cpu")
-    cache: dict = {}
-    base, tok = cached_base(cfg, cache)
-    again, tok_again = cached_base(cfg, cache)
-    assert again is base and tok_again is tok
-    policy = attach_lora(base, RunConfig().lora)
-    fresh, _ = cached_base(cfg, cache)  # `base` now carries an adapter: reloaded from disk
-    assert fresh is not base
-    assert not any("lora_" in n for n, _ in fresh.named_parameters())
-    policy.unload()  # removes the adapter layers from `base`
-    assert not any("lora_" in n for n, _ in base.named_parameters())
-    other_dtype, _ = cached_base(ModelConfig(name_or_path=str(local), device="cpu", dtype="bfloat16"), cache)
-    assert other_dtype is not fresh and len(cache) == 2
+def test_policy_cache_holds_one_policy(tiny: Path, tmp_path: Path) -> None:
+    from grpo.checkpoint import save_checkpoint
+
+    cfg = RunConfig.model_validate({"model": {"name_or_path": str(tiny), "device": "cpu"}})
+    cache = PolicyCache()
+    fresh, tok = cached_policy(cfg, None, cache)
+    assert cached_policy(cfg, None, cache) == (fresh, tok)  # same key: the same objects
+    with torch.no_grad():
+        next(p for n, p in fresh.named_parameters() if "lora_B" in n).add_(1.0)
+    ckpt = save_checkpoint(tmp_path / "step-000001", model=fresh, tokenizer=tok, optimizer=None, scheduler=None,
+                           state={"step": 1})
+    loaded, _ = cached_policy(cfg, ckpt, cache)  # another key replaces the entry, loaded from disk
+    assert loaded is not fresh and cache.get(policy_key(cfg, None)) is None
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), loaded.state_dict().values()))
+    assert cache.take(policy_key(cfg, ckpt))[0] is loaded and cache.get(policy_key(cfg, ckpt)) is None

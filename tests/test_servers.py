@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from servers import (
     start_servers,
 )
 
-from deployments.serve import (
+from grpo_pipeline.deployments.serve import (
     FINETUNE_DEPLOYMENT,
     NIGHTLY_CRON,
     PROMOTE_DEPLOYMENT,
@@ -146,7 +146,11 @@ def wait_for_scheduled_runs(deployment_id: Any, timeout: float) -> list[Any]:
     """Flow runs in state SCHEDULED of a deployment, polled until some exist or `timeout`."""
     from prefect import get_client
     from prefect.client.schemas.filters import (
-        DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
 
@@ -182,7 +186,7 @@ def test_schedule_registered_with_cron(stack: Stack, api: None) -> None:
         f"server log:\n{stack.prefect.log_tail()}"
     )
     for r in upcoming:
-        start = r.expected_start_time.astimezone(timezone.utc)
+        start = r.expected_start_time.astimezone(UTC)
         assert (start.hour, start.minute) == (2, 0), start
     promote = read_deployment(PROMOTE)
     assert promote.schedules == []
@@ -256,7 +260,7 @@ def test_bad_parameter_fails_fast_naming_the_field(
 needs_chromium = pytest.mark.skipif(
     not chromium_available(),
     reason="headless Chromium not installed (/usr/bin/chromium); install it with "
-    "`apt-get install -y chromium` (Debian), as `make test` does",
+    "`make system-deps` (Debian's chromium; CI's .ci/run does)",
 )
 
 

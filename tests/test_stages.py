@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-
-from grpo import stages, tracking
-from grpo.config import RunConfig, load_config
 from pipeline_config import tiny_config
+
+from grpo import reports, tracking
+from grpo.config import RunConfig, load_config
+from grpo.models import POLICY_CACHE
+from grpo.stages import data, runs
+from grpo.stages import warm_start as warm
 
 
 def test_tiny_cpu_yaml_is_the_embedded_default() -> None:
@@ -38,7 +41,7 @@ def test_tiny_cpu_yaml_is_the_embedded_default() -> None:
 
 
 def test_prepare_twice_reuses_the_files(tmp_path: Path) -> None:
-    from tasks.data import prepare_dataset
+    from grpo_pipeline.tasks.data import prepare_dataset
 
     cfg = load_config(None, ["data.generate_rows=200", f"data.cache_dir={tmp_path / 'data'}"])
     first = prepare_dataset.fn(cfg)
@@ -55,27 +58,27 @@ def test_prepare_twice_reuses_the_files(tmp_path: Path) -> None:
 
 
 def test_round_eval_register_are_idempotent(tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str) -> None:
-    from tasks.data import prepare_dataset
-    from tasks.evaluate import evaluate
-    from tasks.registry import open_run, register_elite
-    from tasks.train import train_round
+    from grpo_pipeline.tasks.data import prepare_dataset
+    from grpo_pipeline.tasks.evaluate import evaluate
+    from grpo_pipeline.tasks.registry import open_run, register_elite
+    from grpo_pipeline.tasks.train import train_round
 
     cfg = tiny_config(tmp_path, tiny_model_dir, mlflow_uri, "stages")
     client = MlflowClient(mlflow_uri)
     ref = prepare_dataset.fn(cfg)
-    run_id = open_run.fn(cfg, mlflow_uri, None)
+    run_id = open_run.fn(cfg, mlflow_uri, None).run_id
     assert client.get_run(run_id).data.params["train.group_size"] == "4"
 
     ckpt = train_round.fn(cfg, ref, 0, run_id, mlflow_uri)
     assert (ckpt.step, ckpt.round) == (2, 0)
-    assert Path(ckpt.path) == stages.run_dir(cfg, run_id) / "checkpoints" / "step-000002"
+    assert Path(ckpt.path) == runs.run_dir(cfg, run_id) / "checkpoints" / "step-000002"
     history = [(m.step, m.value) for m in client.get_metric_history(run_id, "reward_mean")]
     assert sorted(s for s, _ in history) == [1, 2]
     weights = Path(ckpt.path) / "adapter_model.safetensors"
     mtime = weights.stat().st_mtime_ns
 
     # The same round again: the checkpoint is returned, nothing is trained or logged.
-    stages.POLICY_CACHE.clear()
+    POLICY_CACHE.clear()
     again = train_round.fn(cfg, ref, 0, run_id, mlflow_uri)
     assert again == ckpt
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "reward_mean")] == history
@@ -91,9 +94,9 @@ def test_round_eval_register_are_idempotent(tmp_path: Path, tiny_model_dir: Path
     assert files == ["eval/samples_step_000002.json"]
 
     first = register_elite.fn(cfg, ckpt, result, run_id, mlflow_uri, "flow-1", ref)
-    assert first["elite"] and first["created"] and first["version"] == "1"
+    assert first.elite and first.created and first.version == "1"
     second = register_elite.fn(cfg, ckpt, result, run_id, mlflow_uri, "flow-1", ref)
-    assert second["version"] == "1" and not second["created"]
+    assert second.version == "1" and not second.created
     versions = client.search_model_versions("name = 'lora-stages'")
     assert len(versions) == 1
     tags = versions[0].tags
@@ -105,20 +108,26 @@ def test_round_eval_register_are_idempotent(tmp_path: Path, tiny_model_dir: Path
     # A later evaluation that is not better than the best so far is not registered.
     not_better = result.model_copy(update={"step": 4, "accuracy": result.accuracy})
     later = ckpt.model_copy(update={"step": 4, "round": 1})
-    assert register_elite.fn(cfg, later, not_better, run_id, mlflow_uri) == {
+    assert register_elite.fn(cfg, later, not_better, run_id, mlflow_uri).model_dump() == {
         "version": None, "elite": False, "best_accuracy": result.accuracy, "created": False
     }
     assert len(client.search_model_versions("name = 'lora-stages'")) == 1
 
 
 def test_summary_markdown_has_one_row_per_round() -> None:
+    from grpo.stages.runs import RoundSummary, RunSummary
+
     rows = [
-        {"round": 1, "step": 2, "train_reward": 0.25, "eval_accuracy": 0.0, "eval_format_rate": 0.5,
-         "elite": True, "version": "1"},
-        {"round": 2, "step": 4, "train_reward": None, "eval_accuracy": 0.125, "eval_format_rate": 0.5,
-         "elite": False, "version": None},
+        RoundSummary(round=1, step=2, train_reward=0.25, eval_accuracy=0.0, eval_format_rate=0.5,
+                     elite=True, version="1"),
+        RoundSummary(round=2, step=4, train_reward=None, eval_accuracy=0.125, eval_format_rate=0.5,
+                     elite=False, version=None),
     ]
-    text = stages.summary_markdown(rows, "run")
+    summary = RunSummary(name="run", run_id="abc", experiment="e", experiment_id="1", tracking_uri="sqlite://",
+                         flow_run_id=None, registered_model="m", rounds=rows)
+    assert (summary.versions, summary.final_step) == (["1"], 4)
+    text = reports.summary_markdown(summary)
+    assert text.startswith("## GRPO run run (abc)")
     table = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert table == [
         "| 1 | 2 | 0.250 | 0.000 | 0.500 | yes | 1 |",
@@ -126,15 +135,10 @@ def test_summary_markdown_has_one_row_per_round() -> None:
     ]
 
 
-def test_fault_hook_parses_step_and_marker(tmp_path: Path) -> None:
-    assert stages._fault_hook({}) is None
-    assert stages._fault_hook({stages.FAULT_ENV: f"3:{tmp_path / 'm'}"}) == (3, tmp_path / "m")
-
-
 def test_mlflow_pointer() -> None:
-    url, note = stages.mlflow_pointer("http://127.0.0.1:5000/", "7", "abc")
+    url, note = reports.mlflow_pointer("http://127.0.0.1:5000/", "7", "abc")
     assert url == "http://127.0.0.1:5000/#/experiments/7/runs/abc" and url in note
-    url, note = stages.mlflow_pointer("sqlite:////x/mlflow.db", "7", "abc")
+    url, note = reports.mlflow_pointer("sqlite:////x/mlflow.db", "7", "abc")
     assert url is None and "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in note
 
 
@@ -151,23 +155,23 @@ def test_preflight_names_an_unwritable_folder(tmp_path: Path, field: str) -> Non
         f"pipeline.tracking_uri=sqlite:///{tmp_path}/m.db",
     ])
     with pytest.raises(ConfigError, match=f"^{field}: cannot write"):
-        stages.preflight(cfg)
+        data.preflight(cfg)
 
 
 def test_warm_start_saves_a_base_once(tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from tasks.data import prepare_dataset
-    from tasks.registry import open_run
-    from tasks.train import warm_start
+    from grpo_pipeline.tasks.data import prepare_dataset
+    from grpo_pipeline.tasks.registry import open_run
+    from grpo_pipeline.tasks.train import warm_start
 
     cfg = tiny_config(tmp_path, tiny_model_dir, mlflow_uri, "sft", "sft.enabled=true", "sft.max_steps=2",
                       "sft.batch_size=8", "sft.warmup_steps=0")
     ref = prepare_dataset.fn(cfg)
-    run_id = open_run.fn(cfg, mlflow_uri, None)
+    run_id = open_run.fn(cfg, mlflow_uri, None).run_id
     folder = Path(warm_start.fn(cfg, ref, run_id, mlflow_uri))
-    assert folder == stages.run_dir(cfg, run_id) / "sft" and (folder / "config.json").is_file()
+    assert folder == runs.run_dir(cfg, run_id) / "sft" and (folder / "config.json").is_file()
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(folder / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the weights were trained
@@ -176,29 +180,75 @@ def test_warm_start_saves_a_base_once(tmp_path: Path, tiny_model_dir: Path, mlfl
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
     steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "sft/loss")]
     assert steps == [1, 2]
-    based = stages.with_base(cfg, str(folder))
+    based = warm.with_base(cfg, str(folder))
     assert based.model.name_or_path == str(folder) and not based.model.build_tiny_if_missing
 
 
 def test_open_run_finds_the_run_of_a_retried_flow_run(tmp_path: Path, mlflow_uri: str) -> None:
     cfg = load_config(None, ["pipeline.experiment=exp-reopen"])
-    run_id = stages.open_run(cfg, mlflow_uri, "flow-run-a")
+    run = runs.open_run(cfg, mlflow_uri, "flow-run-a")
+    run_id = run.run_id
     client = MlflowClient(mlflow_uri)
-    assert client.get_run(run_id).data.tags[stages.FLOW_RUN_TAG] == "flow-run-a"
+    assert client.get_run(run_id).data.tags[runs.FLOW_RUN_TAG] == "flow-run-a"
+    assert run.experiment_id == client.get_run(run_id).info.experiment_id
     tracking.end_run(mlflow_uri, run_id, "FAILED")
-    assert stages.open_run(cfg, mlflow_uri, "flow-run-a") == run_id
+    assert runs.open_run(cfg, mlflow_uri, "flow-run-a") == run
     assert client.get_run(run_id).info.status == "RUNNING"
-    assert stages.open_run(cfg, mlflow_uri, "flow-run-b") != run_id
-    assert stages.run_config(mlflow_uri, run_id) == cfg
+    assert runs.open_run(cfg, mlflow_uri, "flow-run-b").run_id != run_id
+    assert runs.run_config(mlflow_uri, run_id) == cfg
+
+
+def test_fail_flow_run_marks_only_its_running_run(mlflow_uri: str) -> None:
+    cfg = load_config(None, ["pipeline.experiment=exp-hook", f"pipeline.tracking_uri={mlflow_uri}"])
+    client = MlflowClient(mlflow_uri)
+    assert runs.fail_flow_run(cfg, "never-opened") is None
+    run_id = runs.open_run(cfg, mlflow_uri, "flow-run-x").run_id
+    other = runs.open_run(cfg, mlflow_uri, "flow-run-y").run_id
+    assert runs.fail_flow_run(cfg, "flow-run-x") == run_id
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert client.get_run(other).info.status == "RUNNING"
+    tracking.end_run(mlflow_uri, other, "FINISHED")
+    assert runs.fail_flow_run(cfg, "flow-run-y") == other  # a finished run stays finished
+    assert client.get_run(other).info.status == "FINISHED"
+
+
+def test_run_config_tells_absent_from_unreadable(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from grpo.errors import ConfigError, TrackingReadError
+
+    cfg = load_config(None, ["pipeline.experiment=exp-config"])
+    bare = tracking.start_run(mlflow_uri, "exp-config", "no-config")
+    assert runs.run_config(mlflow_uri, bare) is None  # absent: the caller may use its own settings
+
+    corrupt = tracking.start_run(mlflow_uri, "exp-config", "corrupt")
+    tracking.log_text(mlflow_uri, corrupt, "{not json", runs.CONFIG_ARTIFACT)
+    with pytest.raises(TrackingReadError, match=f"^MLflow run {corrupt}: artifact 'config.json' could not be read"):
+        runs.run_config(mlflow_uri, corrupt)
+
+    stale = tracking.start_run(mlflow_uri, "exp-config", "stale")
+    tracking.log_dict(mlflow_uri, stale, {"train": {"no_such_field": 1}}, runs.CONFIG_ARTIFACT)
+    with pytest.raises(ConfigError, match="does not validate .train.no_such_field"):
+        runs.run_config(mlflow_uri, stale)
+
+    good = runs.open_run(cfg, mlflow_uri, None).run_id
+
+    def store_down(**kwargs: object) -> str:
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", store_down)
+    with pytest.raises(TrackingReadError, match="connection reset by peer"):
+        runs.run_config(mlflow_uri, good)
 
 
 def test_user_errors_are_not_retried() -> None:
     from prefect.states import Failed
 
-    from grpo.errors import ConfigError, DataError
-    from tasks.retry import retry_unless_user_error
+    from grpo.errors import ConfigError, DataError, TrackingReadError
+    from grpo_pipeline.tasks.retry import retry_unless_user_error
 
     assert retry_unless_user_error(None, None, Failed(data=RuntimeError("disk hiccup")))
     assert retry_unless_user_error(None, None, Failed(data=OSError("I/O error")))
     assert not retry_unless_user_error(None, None, Failed(data=ConfigError("train.group_size: ...")))
     assert not retry_unless_user_error(None, None, Failed(data=DataError("data.source: ...")))
+    assert retry_unless_user_error(None, None, Failed(data=TrackingReadError("MLflow run r: artifact ...")))

@@ -8,9 +8,10 @@
     grpo tiny-model DIR [--seed 0]
     grpo compare [--experiment grpo-countdown]
 
-`grpo run` runs the finetune flow, then the promote flow, against Prefect (its temporary local
-server unless PREFECT_API_URL is set) and MLflow (sqlite:///mlflow.db here unless
-MLFLOW_TRACKING_URI or pipeline.tracking_uri says otherwise), and prints where to look.
+The application's entry point (the library `grpo` never imports it). `grpo run` runs the finetune
+flow, then the promote flow, against Prefect (its temporary local server unless PREFECT_API_URL
+is set) and MLflow (sqlite:///mlflow.db here unless MLFLOW_TRACKING_URI or
+pipeline.tracking_uri says otherwise), and prints where to look.
 
 Every mistake a user can make (config, data, paths, model, servers) ends as one line
 `error: <message>` on stderr with exit status 2, before any training: the config is validated
@@ -158,37 +159,35 @@ def _version_of(uri: str, model_uri: str) -> tuple[str, str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from grpo import stages
+    from grpo import reports
+    from grpo.stages import data
 
     cfg = _config(args)
-    stages.preflight(cfg)  # one line on any bad input, before Prefect starts
-    from flows.finetune import finetune
-    from flows.promote import promote
+    data.preflight(cfg)  # one line on any bad input, before Prefect starts
+    from grpo_pipeline.flows.finetune import finetune
+    from grpo_pipeline.flows.promote import promote
 
     summary = _call_flow(finetune, config=cfg)
     decision = None
-    if not args.no_promote and summary["versions"]:
+    if not args.no_promote and summary.versions:
         decision = _call_flow(promote, config=cfg)
-    uri = summary["tracking_uri"]
-    name = summary["registered_model"]
+    uri = summary.tracking_uri
     print()
-    print(f"finished run {summary['run_id']}: {len(summary['rounds'])} rounds, step {summary['final_step']}, "
-          f"registered versions {summary['versions'] or 'none'}")
-    for row in summary["rounds"]:
-        print(f"  round {row['round']}: step {row['step']}, eval accuracy {row['eval_accuracy']:.3f}"
-              + (f", version {row['version']}" if row["version"] else ""))
+    print(f"finished run {summary.run_id}: {len(summary.rounds)} rounds, step {summary.final_step}, "
+          f"registered versions {summary.versions or 'none'}")
+    for row in summary.rounds:
+        print(f"  round {row.round}: step {row.step}, eval accuracy {row.eval_accuracy:.3f}"
+              + (f", version {row.version}" if row.version else ""))
     if decision is not None:
-        print(f"promotion: {decision['decision']} v{decision['candidate']} ({decision['reason']})")
+        print(f"promotion: {decision.decision} v{decision.candidate} ({decision.reason})")
     print("where to look:")
-    if uri.startswith(("http://", "https://")):
-        print(f"  MLflow UI:  {uri}/#/experiments/{summary['experiment_id']}/runs/{summary['run_id']}")
-    else:
-        print(f"  MLflow UI:  mlflow ui --backend-store-uri {uri}")
-    print(f"  run id:     {summary['run_id']} (experiment {summary['experiment']})")
-    if decision is not None and decision["champion"] is not None:
-        print(f"  model:      {decision['model_uri']} (version {decision['champion']})")
-    elif summary["versions"]:
-        print(f"  model:      models:/{name}/{summary['versions'][-1]}")
+    url, _ = reports.mlflow_pointer(uri, summary.experiment_id, summary.run_id)
+    print(f"  MLflow UI:  {url or f'mlflow ui --backend-store-uri {uri}'}")
+    print(f"  run id:     {summary.run_id} (experiment {summary.experiment})")
+    if decision is not None and decision.champion is not None:
+        print(f"  model:      {decision.model_uri} (version {decision.champion})")
+    elif summary.versions:
+        print(f"  model:      models:/{summary.registered_model}/{summary.versions[-1]}")
     return 0
 
 
@@ -197,32 +196,33 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from grpo import tracking
 
     tracking.check_tracking(tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri if cfg else None))
-    from flows.promote import promote
+    from grpo_pipeline.flows.promote import promote
 
     decision = _call_flow(promote, model_name=args.model, version=args.version, alias=args.alias, config=cfg)
-    print(json.dumps(decision, indent=2, default=str))
-    print(f"{decision['model_uri']} -> version {decision['champion']}")
+    print(decision.model_dump_json(indent=2))
+    print(f"{decision.model_uri} -> version {decision.champion}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from grpo import stages, tracking
+    from grpo import tracking
+    from grpo.stages import registry
 
     cfg = _config(args) if (args.config or args.overrides) else None
     uri = tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri if cfg else None)
     tracking.check_tracking(uri)
     name, version = _version_of(uri, args.model)
-    test_path, eval_cfg = stages.held_out(uri, name, version, cfg)
-    result = stages.evaluate_version(uri, name, version, test_path, eval_cfg, cfg)
-    print(json.dumps({"model": args.model, "version": version, "test_path": test_path,
+    split = registry.held_out(uri, name, version, cfg)
+    result = registry.evaluate_version(uri, name, version, split.test_path, split.eval, cfg)
+    print(json.dumps({"model": args.model, "version": version, "test_path": split.test_path,
                       **result.metrics(prefix="")}, indent=2))
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from grpo.countdown import prepare_dataset
+    from grpo.stages import data
 
-    ref = prepare_dataset(_config(args).data)
+    ref = data.prepare(_config(args))
     print(ref.model_dump_json(indent=2))
     return 0
 
@@ -241,7 +241,7 @@ def cmd_compare(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `grpo` / `python -m grpo`; returns the exit status."""
+    """Entry point of `grpo` / `python -m grpo_pipeline`; returns the exit status."""
     set_env_defaults(os.environ, Path.cwd())
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

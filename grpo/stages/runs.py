@@ -1,0 +1,166 @@
+"""The MLflow run of a flow run: open it (or find it again), close it, mark it failed; the config it
+was started with; the run's summary.
+
+    from grpo.stages import runs
+    run = runs.open_run(cfg, uri, flow_run_id)     # TrackedRun: run_id, experiment_id, tracking_uri
+    runs.close_run(uri, run.run_id, "FINISHED", cfg.name)
+    cfg_again = runs.run_config(uri, run.run_id)   # RunConfig, or None when it has no config.json
+
+One MLflow run per flow run, tagged `prefect_flow_run_id`: a retried flow run continues its run,
+and the flow's failure and crash hooks find it by that tag (`fail_flow_run`). `round_summary` makes
+one row of the run's summary per round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ValidationError, computed_field
+
+from grpo import tracking
+from grpo.checkpoint import CheckpointRef
+from grpo.config import RunConfig
+from grpo.errors import ConfigError
+from grpo.evaluate import EvalResult
+
+if TYPE_CHECKING:
+    from grpo.stages.registry import Registration
+
+FLOW_RUN_TAG = "prefect_flow_run_id"
+"""MLflow run tag (and model version tag) holding the Prefect flow run id."""
+CONFIG_ARTIFACT = "config.json"
+"""The run's full config, logged with every MLflow run (promote re-evaluates with it)."""
+STEP_METRIC = "reward_mean"
+"""A metric the trainer logs at every step: its history says which steps are already logged."""
+
+
+class TrackedRun(BaseModel, frozen=True):
+    """An MLflow run as tasks pass it on."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+
+class RoundSummary(BaseModel):
+    """One round of a run: its step, mean train reward, held-out result and registration."""
+
+    round: int
+    step: int
+    train_reward: float | None
+    eval_accuracy: float
+    eval_format_rate: float
+    elite: bool
+    version: str | None
+
+
+class RunSummary(BaseModel):
+    """What a finetune flow run did: its MLflow run and one row per round."""
+
+    name: str
+    run_id: str
+    experiment: str
+    experiment_id: str
+    tracking_uri: str
+    flow_run_id: str | None
+    registered_model: str
+    rounds: list[RoundSummary]
+
+    @computed_field
+    @property
+    def versions(self) -> list[str]:
+        """Model versions registered by this run, in order."""
+        return [r.version for r in self.rounds if r.version is not None]
+
+    @computed_field
+    @property
+    def final_step(self) -> int:
+        return self.rounds[-1].step if self.rounds else 0
+
+
+def run_dir(cfg: RunConfig, run_id: str) -> Path:
+    """Checkpoints of one run: `<pipeline.output_dir>/<MLflow run id>/`."""
+    return Path(cfg.pipeline.output_dir).expanduser().absolute() / run_id
+
+
+def open_run(cfg: RunConfig, tracking_uri: str, flow_run_id: str | None = None) -> TrackedRun:
+    """The MLflow run of this flow run: found by its `prefect_flow_run_id` tag (a retried flow run
+    continues its run), else created with the config as params and as `config.json`."""
+    exp = cfg.pipeline.experiment
+    experiment_id = tracking.make_experiment(tracking_uri, exp)
+    found = tracking.find_run(tracking_uri, exp, FLOW_RUN_TAG, str(flow_run_id)) if flow_run_id else None
+    if found is not None:
+        tracking.reopen_run(tracking_uri, found)
+        return TrackedRun(run_id=found, experiment_id=experiment_id, tracking_uri=tracking_uri)
+    tags = {FLOW_RUN_TAG: str(flow_run_id or ""), "base_model": cfg.model.name_or_path}
+    run_id = tracking.start_run(tracking_uri, exp, cfg.name, tags=tags, params=cfg.flat())
+    tracking.log_dict(tracking_uri, run_id, cfg.model_dump(mode="json"), CONFIG_ARTIFACT)
+    return TrackedRun(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
+
+
+def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED", title: str | None = None) -> None:
+    """Log the run's curves (train reward, eval accuracy) as plots/curves.png and end the run."""
+    if status == "FINISHED":
+        from grpo.compare import run_curves_from_mlflow
+
+        fig = run_curves_from_mlflow(tracking_uri, run_id, title=title)
+        tracking.log_figure(tracking_uri, run_id, fig, "plots/curves.png")
+    tracking.end_run(tracking_uri, run_id, status)
+
+
+def fail_flow_run(cfg: RunConfig, flow_run_id: str) -> str | None:
+    """Mark the MLflow run of a failed or crashed flow run FAILED (when it is still RUNNING);
+    return its id, or None when the flow run never opened one."""
+    uri = tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri)
+    tracking.check_tracking(uri)
+    run_id = tracking.find_run(uri, cfg.pipeline.experiment, FLOW_RUN_TAG, flow_run_id)
+    if run_id is None:
+        return None
+    if tracking.run_info(uri, run_id).status == "RUNNING":
+        tracking.end_run(uri, run_id, "FAILED")
+    return run_id
+
+
+def round_summary(
+    tracking_uri: str,
+    run_id: str,
+    ckpt_ref: CheckpointRef,
+    steps_per_round: int,
+    eval_result: EvalResult,
+    registration: Registration,
+) -> RoundSummary:
+    """One row of the run summary; the mean train reward over the round's steps is read back from
+    the run's `reward_mean` history (steps logged by an earlier attempt count too)."""
+    first = ckpt_ref.step - steps_per_round + 1
+    history = tracking.metric_history(tracking_uri, run_id, STEP_METRIC)
+    values = [m.value for m in history if first <= m.step <= ckpt_ref.step]
+    return RoundSummary(
+        round=ckpt_ref.round + 1,
+        step=ckpt_ref.step,
+        train_reward=sum(values) / len(values) if values else None,
+        eval_accuracy=eval_result.accuracy,
+        eval_format_rate=eval_result.format_rate,
+        elite=registration.elite,
+        version=registration.version,
+    )
+
+
+def run_config(tracking_uri: str, run_id: str) -> RunConfig | None:
+    """The config a run was started with (its `config.json` artifact), or None when the run has none.
+
+    A store that fails to answer or an unreadable file raises `TrackingReadError` (retried by the
+    task); a file that no longer validates raises `ConfigError`. Neither ever reads as None, so a
+    caller never falls back to default settings by accident."""
+    data = tracking.read_json_artifact(tracking_uri, run_id, CONFIG_ARTIFACT)
+    if data is None:
+        return None
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(
+            f"MLflow run {run_id}: its {CONFIG_ARTIFACT} does not validate ({where}: {first['msg']}); "
+            "it was written by an incompatible version of grpo-pipeline"
+        ) from None

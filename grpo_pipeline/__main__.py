@@ -1,0 +1,7 @@
+"""`python -m grpo_pipeline ...` is the `grpo` command (see `grpo_pipeline.cli`)."""
+
+import sys
+
+from grpo_pipeline.cli import main
+
+sys.exit(main())
