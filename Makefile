@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test bench install clean
+.PHONY: run test lint system-deps bench install clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,10 +21,14 @@ install: $(STAMP)
 run: $(STAMP)          ## the embedded default: tiny model, CPU, offline, local MLflow + Prefect
 	$(VENV)/bin/grpo run
 
-test: $(STAMP)         ## the test suite (offline, CPU); browser tests use Debian's chromium
-	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-		|| echo "chromium could not be installed: the browser tests will skip"
+test: $(STAMP)         ## the test suite (offline, CPU); the browser tests skip without chromium
 	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)         ## ruff (configured in pyproject.toml)
+	$(VENV)/bin/ruff check .
+
+system-deps:           ## system packages of the browser tests (Debian's chromium; needs root)
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 bench: $(STAMP)        ## side-by-side speed against TRL's GRPOTrainer
 	$(PY) benchmarks/run.py

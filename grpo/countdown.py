@@ -41,7 +41,7 @@ import tempfile
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import datasets
 import pyarrow as pa
@@ -60,9 +60,9 @@ _FEATURES = datasets.Features(
 CACHE_VERSION = 1
 """Bump when generation or splitting changes, so cached splits are rebuilt."""
 
-Value = Union[int, Fraction]
+Value = int | Fraction
 # A search node: a leaf number, or (left, op, right, value).
-Node = Union[int, tuple]
+Node = int | tuple
 
 
 # ----------------------------------------------------------------------------------- generate
@@ -343,7 +343,7 @@ def load_rows(source: str) -> datasets.Dataset:
             return _read_file(path, source)
         except DataError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any reader error: one line naming the file
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"data.source: file '{source}' could not be read ({msg})") from None
     if source.lower().endswith(FILE_SUFFIXES) or source.startswith((".", "/", "~", "\\")):
@@ -353,7 +353,7 @@ def load_rows(source: str) -> datasets.Dataset:
         )
     try:
         return datasets.load_dataset(source, split="train")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any hub or network error: one line naming the source
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(
             f"data.source: hub dataset '{source}' could not be loaded (offline or not cached: "
@@ -524,7 +524,7 @@ def _complete_ref(folder: Path) -> DatasetRef | None:
         return None
     try:
         ref = DatasetRef.model_validate_json(ref_file.read_text())
-    except Exception:
+    except (OSError, ValueError):  # an unreadable cache entry is rebuilt
         return None
     return ref.model_copy(
         update={"train_path": str(train.resolve()), "test_path": str(test.resolve()), "reused": True}

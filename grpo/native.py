@@ -63,7 +63,9 @@ class NativeKernels:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-        self._attention = self._typed(lib.grpo_decode_attention, [ptr] * 8 + [i32, i32, ptr, ptr, i32, i32, ptr] + [i32] * 4 + [f32, i32])
+        self._attention = self._typed(
+            lib.grpo_decode_attention, [ptr] * 8 + [i32, i32, ptr, ptr, i32, i32, ptr] + [i32] * 4 + [f32, i32]
+        )
         self._attention.restype = i32
         self._swiglu = self._typed(lib.grpo_swiglu, [ptr, ptr, i64, ptr, i64, i32, i32])
         self._swiglu_backward = self._typed(lib.grpo_swiglu_backward, [ptr] * 5 + [i64, i32, i32])
@@ -259,7 +261,9 @@ class NativeKernels:
         pk, pv, prompt_of = prefix if prefix is not None else (None, None, None)
         dq = torch.empty(n, length, hq, d, dtype=q.dtype)
         dk, dv = (torch.empty(n, hkv, span - plen, d, dtype=q.dtype) for _ in range(2))
-        dpk, dpv = (torch.empty(n, hkv, plen, d, dtype=q.dtype) for _ in range(2)) if prefix is not None else (None, None)
+        dpk, dpv = (None, None)
+        if prefix is not None:
+            dpk, dpv = (torch.empty(n, hkv, plen, d, dtype=q.dtype) for _ in range(2))
         done = self._attn_backward(
             *self._heads_args(grad), probs.data_ptr(), *self._heads_args(q), *self._heads_args(pk),
             *self._heads_args(pv), prompt_of.data_ptr() if prompt_of is not None else None,
@@ -304,7 +308,9 @@ class NativeKernels:
                 return out[:k]
         raise AssertionError("unreachable: n positions always fit")
 
-    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, with_rstd: bool = False) -> tuple[Tensor, Tensor | None]:
+    def rms_norm(
+        self, x: Tensor, weight: Tensor, eps: float, *, with_rstd: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         """(x r w, r (..., 1) or None), r = 1 / sqrt(mean(x^2) + eps) over the last dim."""
         x = x.contiguous()
         h = x.shape[-1]
@@ -370,7 +376,8 @@ class NativeKernels:
             raise ValueError("decode_attention: prompt_of must be a contiguous int64 CPU tensor")
         done = self._attention(
             qkv.data_ptr(), bias.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), prompt_k.data_ptr(),
-            prompt_v.data_ptr(), prompt_mask.data_ptr(), prompt_of.data_ptr(), u, plen, k_cache.data_ptr(), v_cache.data_ptr(), span, slot,
+            prompt_v.data_ptr(), prompt_mask.data_ptr(), prompt_of.data_ptr(), u, plen,
+            k_cache.data_ptr(), v_cache.data_ptr(), span, slot,
             out.data_ptr(), n, hq, hkv, d, scale, torch.get_num_threads(),
         )  # fmt: skip
         if done != 0:
@@ -383,7 +390,9 @@ class DecodeLayer(ctypes.Structure):
 
     _fields_ = [
         (name, ctypes.c_void_p)
-        for name in ("ln1", "ln2", "qkv", "o", "gate_up", "down", "qkv_bias", "prompt_k", "prompt_v", "k_cache", "v_cache")
+        for name in (
+            "ln1", "ln2", "qkv", "o", "gate_up", "down", "qkv_bias", "prompt_k", "prompt_v", "k_cache", "v_cache"
+        )
     ]
 
 
@@ -433,7 +442,9 @@ class DecodeStep:
         """Logits (N, V) after feeding tokens (N,) int64 at generated slot `slot` (cos, signed_sin
         (N, D) contiguous at their positions); the caches' slot is written. The returned tensor is
         overwritten by the next call."""
-        (embed, mask, prompt_of, u, plen, span, norm, head, logits, n, h, inter, vocab, hq, hkv, d, eps, scale) = self._fixed
+        embed, mask, prompt_of, u, plen, span, norm, head, logits, n, h, inter, vocab, hq, hkv, d, eps, scale = (
+            self._fixed
+        )
         if tokens.shape != (n,) or tokens.dtype != torch.int64 or not tokens.is_contiguous() or not 0 <= slot < span:
             raise ValueError("decode_step: tokens (N,) int64 contiguous and a slot below T")
         if not (cos.is_contiguous() and signed_sin.is_contiguous() and cos.numel() == signed_sin.numel() == n * d):
@@ -444,7 +455,8 @@ class DecodeStep:
             inter, vocab, hq, hkv, d, eps, scale, self._scratch.data_ptr(), self._compute, torch.get_num_threads(),
         )  # fmt: skip
         if done != 0:
-            raise ValueError("decode_step: " + ("a prompt index outside 0..U-1" if done == -1 else "a token outside the vocabulary"))
+            what = "a prompt index outside 0..U-1" if done == -1 else "a token outside the vocabulary"
+            raise ValueError(f"decode_step: {what}")
         return self.logits
 
 

@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fastpath import random_lora_policy  # tests/ is on sys.path under pytest
 
 import grpo.fastpath as fastpath
 from grpo.config import GenerationConfig
 from grpo.models import build_tiny_model
 from grpo.native import NativeKernels, build, kernels, reference_decode_attention
-
-from test_fastpath import random_lora_policy  # tests/ is on sys.path under pytest
 
 HAVE_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
 
@@ -59,7 +58,9 @@ def test_decode_attention_matches_torch(native: NativeKernels, threads: int, hq:
     kc, vc = torch.randn(n, hkv, span, d, generator=g), torch.randn(n, hkv, span, d, generator=g)
     for slot in (0, 17, span - 1):
         k_ref, v_ref = kc.clone(), vc.clone()
-        want = reference_decode_attention(qkv + bias, cos, sin, pk, pv, pmask, prompt_of, k_ref, v_ref, hq, slot, d**-0.5)
+        want = reference_decode_attention(
+            qkv + bias, cos, sin, pk, pv, pmask, prompt_of, k_ref, v_ref, hq, slot, d**-0.5
+        )
         out = native.decode_attention(
             qkv, bias, cos, sin, pk, pv, pmask, prompt_of, kc, vc, torch.empty(n, hq * d), slot, d**-0.5
         )
@@ -76,8 +77,8 @@ def test_decode_attention_matches_torch(native: NativeKernels, threads: int, hq:
     with pytest.raises(ValueError, match="shapes"):
         native.decode_attention(qkv, bias[:-1], cos, sin, pk, pv, pmask, prompt_of, kc, vc, out, 3, 1.0)
     with pytest.raises(ValueError, match="contiguous"):
-        native.decode_attention(qkv, bias, cos, sin, pk, pv, pmask, prompt_of, kc.transpose(2, 3).contiguous().transpose(2, 3),
-                                vc, out, 3, 1.0)  # fmt: skip
+        strided = kc.transpose(2, 3).contiguous().transpose(2, 3)
+        native.decode_attention(qkv, bias, cos, sin, pk, pv, pmask, prompt_of, strided, vc, out, 3, 1.0)
     with pytest.raises(ValueError, match="outside 0..2"):
         native.decode_attention(qkv, bias, cos, sin, pk, pv, pmask, prompt_of + 1, kc, vc, out, 3, 1.0)
     with pytest.raises(ValueError, match="int64"):
@@ -150,7 +151,9 @@ def test_attention_matches_torch(
 
 
 @pytest.mark.parametrize("hq, hkv, d, length, prefix", [(4, 2, 64, 23, 9), (6, 2, 16, 13, 0)])
-def test_attention_rotates_q_and_k(native: NativeKernels, threads: int, hq: int, hkv: int, d: int, length: int, prefix: int) -> None:
+def test_attention_rotates_q_and_k(
+    native: NativeKernels, threads: int, hq: int, hkv: int, d: int, length: int, prefix: int
+) -> None:
     """With rotary tables the kernels take q and the own keys unrotated and give the forward and
     the gradients of the unrotated inputs: the same as rotating first (torch's operators) and
     attending (torch's fused kernel); the prompt keys come rotated."""
@@ -185,7 +188,7 @@ def test_attention_rotates_q_and_k(native: NativeKernels, threads: int, hq: int,
                                                      (cos, signed_sin))  # fmt: skip
     got = [dq, dk, dv]
     if prefix:
-        got += [torch.zeros(2, hkv, prefix, d).index_add_(0, rows, dpk), torch.zeros(2, hkv, prefix, d).index_add_(0, rows, dpv)]
+        got += [torch.zeros(2, hkv, prefix, d).index_add_(0, rows, g) for g in (dpk, dpv)]
     for have, ref in zip(got, want_grads):
         torch.testing.assert_close(have, ref, rtol=1e-4, atol=1e-5)
 
