@@ -8,8 +8,9 @@ The run config is the only parameter, so the Prefect UI shows it as a form. One 
 flow run, tagged `prefect_flow_run_id`; the Prefect run carries the MLflow run id as a tag
 (`mlflow_run_id:<id>`) and as a link/markdown artifact. Artifacts: a progress bar updated each
 round and, at the end, a markdown table with one row per round. A retried flow run (same flow
-run id) finds its MLflow run again, and its tasks resume from the checkpoints on disk. When the
-flow fails or crashes, its state hooks mark the MLflow run FAILED.
+run id) finds its MLflow run again, and its tasks resume from the checkpoints on disk; a new flow
+run with `resume_run_id` does the same for a run whose process was killed (`grpo run --resume`).
+When the flow fails or crashes, its state hooks mark the MLflow run FAILED.
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ EMBEDDED_DEFAULT = RunConfig()
 
 
 @flow(name="grpo-finetune", on_failure=[mark_mlflow_run_failed], on_crashed=[mark_mlflow_run_failed])
-def finetune(config: RunConfig = EMBEDDED_DEFAULT) -> RunSummary:
-    """GRPO fine-tuning of a LoRA adapter, round by round, with elite adapters registered in MLflow."""
+def finetune(config: RunConfig = EMBEDDED_DEFAULT, resume_run_id: str | None = None) -> RunSummary:
+    """GRPO fine-tuning of a LoRA adapter, round by round, with elite adapters registered in MLflow.
+
+    `resume_run_id` continues an interrupted run (same config): its MLflow run, its checkpoints,
+    no step repeated."""
     cfg = config
     logger = get_run_logger()
     flow_run_id = str(flow_run.id) if flow_run.id else None
@@ -86,7 +90,7 @@ def finetune(config: RunConfig = EMBEDDED_DEFAULT) -> RunSummary:
         dataset.train_rows, dataset.test_rows, "reused" if dataset.reused else "built",
         dataset.content_hash[:12],
     )
-    run = open_run(cfg, uri, flow_run_id)
+    run = open_run(cfg, uri, flow_run_id, resume_run_id)
     run_id = run.run_id
     _tag_flow_run(flow_run_id, [f"mlflow_run_id:{run_id}"])
     url, note = reports.mlflow_pointer(uri, run.experiment_id, run_id)

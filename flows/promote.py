@@ -5,7 +5,8 @@
 
 Picks the best registered version by an eval-metric tag (or the version named), re-evaluates it
 and the current champion on the same held-out split (the candidate's `test_path`) with one eval
-config, and moves the alias only when the candidate is at least as accurate. The decision is a
+config, and moves the alias only when the candidate is more accurate (a tie keeps the champion;
+an adapter with a non-finite weight fails the flow instead of being evaluated). The decision is a
 markdown artifact and tags on the versions (`promotion_decision`, `promoted_at`, ...). Then
 `models:/<name>@champion` downloads an adapter that `PeftModel.from_pretrained` loads.
 """
@@ -30,8 +31,8 @@ def promote(
     config: RunConfig | None = None,
     metric: str = ACCURACY_TAG,
 ) -> PromotionDecision:
-    """Promote the best (or the named) version of a registered model to `alias` if it is at least
-    as good as the current holder. `config` gives the tracking URI, names and the eval settings;
+    """Promote the best (or the named) version of a registered model to `alias` if it is more
+    accurate than the current holder. `config` gives the tracking URI, names and the eval settings;
     without it, the defaults and the candidate run's own eval settings are used."""
     logger = get_run_logger()
     pipe = (config or RunConfig()).pipeline
@@ -50,5 +51,6 @@ def promote(
     create_markdown_artifact(
         markdown=reports.promotion_markdown(decision), key="grpo-promotion", description="Promotion decision"
     )
-    logger.info("%s: %s", decision.decision, decision.reason)
+    log = logger.warning if decision.candidate_accuracy == 0.0 else logger.info
+    log("%s: %s", decision.decision, decision.reason)
     return decision

@@ -21,6 +21,7 @@ Departures from the GRPO paper (DeepSeekMath), all as in TRL's GRPOTrainer:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from grpo.config import TrainConfig
+from grpo.errors import TrainingDiverged
 
 LossType = Literal["grpo", "bnpo", "dr_grpo"]
 AdvantageScale = Literal["group", "batch", "none"]
@@ -209,6 +211,19 @@ def grpo_loss(
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
+def check_finite_update(loss: float, grad_norm: float) -> None:
+    """Raise `TrainingDiverged` before an optimizer step that would write NaN/inf into the weights."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(f"the loss is {loss} and the gradient norm {grad_norm}; the update was not applied")
+
+
+def check_finite_weights(params: list[Tensor]) -> None:
+    """Raise `TrainingDiverged` when an optimizer step left a non-finite trainable weight."""
+    norms = torch.stack(torch._foreach_norm([p.detach() for p in params]))  # (len(params),)
+    if not bool(torch.isfinite(norms).all()):
+        raise TrainingDiverged("the optimizer step made the trainable weights non-finite")
+
+
 def policy_update(
     model: Any,
     optimizer: torch.optim.Optimizer,
@@ -267,7 +282,9 @@ def policy_update(
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         epoch["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        check_finite_update(epoch["loss"], epoch["grad_norm"])
         optimizer.step()
+        check_finite_weights(params)
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)

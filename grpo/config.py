@@ -12,7 +12,10 @@ Every bad value fails here, before any work, with one line that names the field 
 
 from __future__ import annotations
 
+import re
 import string
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from grpo.errors import ConfigError
 
+REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""Registered model names and aliases: safe in MLflow filter strings and model URIs."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 
 REFERENCE_SYSTEM = (
@@ -37,9 +42,26 @@ REFERENCE_PREFILL = "Let me solve this step by step.\n<think>"
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, and every
+    float (list items included) must be finite: an `inf` learning rate or a `nan` reward weight
+    would train a NaN adapter."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: Any) -> Any:
+        """`group_size: true` is a mistake, not 1: a bool is refused where a number is expected."""
+        if isinstance(value, bool) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field's annotation is int or float (optionally | None), and not bool."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_wants_number(a) for a in typing.get_args(annotation))
+    return annotation in (int, float)
 
 
 class TinyModelConfig(Section):
@@ -69,7 +91,7 @@ class ModelConfig(Section):
     """The base model: a hub id or a local Hugging Face folder."""
 
     name_or_path: str = Field(
-        "artifacts/tiny-model", description="Hub id (e.g. Qwen/Qwen2.5-0.5B) or local folder."
+        "artifacts/tiny-model", min_length=1, description="Hub id (e.g. Qwen/Qwen2.5-0.5B) or local folder."
     )
     build_tiny_if_missing: bool = Field(
         True, description="Build the tiny offline model at `name_or_path` when that folder is missing."
@@ -282,12 +304,19 @@ class PipelineConfig(Section):
     rounds: int = Field(4, ge=1, description="GRPO rounds; each is followed by an evaluation.")
     steps_per_round: int = Field(300, ge=1, description="GRPO steps per round (= evaluation period).")
     output_dir: str = Field("runs", description="Checkpoints go to <output_dir>/<MLflow run id>/.")
-    experiment: str = Field("grpo-countdown", description="MLflow experiment.")
+    experiment: str = Field("grpo-countdown", min_length=1, description="MLflow experiment.")
     registered_model: str = Field("countdown-lora", description="MLflow registered model name.")
     champion_alias: str = Field("champion", description="Alias moved by the promote flow.")
     tracking_uri: str | None = Field(
         None, description="MLflow URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here."
     )
+
+    @field_validator("registered_model", "champion_alias")
+    @classmethod
+    def _registry_name(cls, v: str) -> str:
+        if not REGISTRY_NAME.fullmatch(v):
+            raise ValueError(f"{v!r} is not a usable MLflow name; use letters, digits, '.', '-' and '_'")
+        return v
 
 
 class RunConfig(Section):
@@ -333,6 +362,8 @@ def format_validation_error(err: ValidationError) -> str:
             msg = "unknown key; check the spelling against `grpo run --help` or configs/tiny-cpu.yaml"
         elif e["type"] == "missing":
             msg = "required"
+        elif e["type"] == "finite_number":
+            msg = f"{e['input']} is not a finite number; give a finite value"
         lines.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(lines)
 
@@ -381,6 +412,29 @@ def build_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"invalid config: {format_validation_error(e)}") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (not "the last
+    one wins")."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """`<problem> at line L, column C` from a YAML error (its text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML recipe (None = the embedded default) and apply `key=value` overrides."""
     data: dict[str, Any] = {}
@@ -389,9 +443,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file to --config")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_StrictLoader) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(p)!r} is not text; pass a YAML recipe to --config") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]) from None
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
     return build_config(_merge(data, parse_overrides(overrides)))

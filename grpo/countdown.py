@@ -57,6 +57,8 @@ FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 _FEATURES = datasets.Features(
     {"nums": datasets.List(datasets.Value("int64")), "target": datasets.Value("int64")}
 )
+SOLVABLE_CHECK_ROWS = 200
+"""How many rows of a user's dataset preflight checks for a solution."""
 CACHE_VERSION = 1
 """Bump when generation or splitting changes, so cached splits are rebuilt."""
 
@@ -374,13 +376,16 @@ def _first_bad_row(nums: list, targets: list) -> tuple[int, str] | None:
             return i, f"nums must be a non-empty list of integers, got {ns!r}"
         if not all(_is_int(x) for x in ns):
             return i, f"nums must be a non-empty list of integers, got {ns!r}"
+        if any(x < 0 for x in ns):
+            return i, f"nums must be non-negative (an answer cannot use a negative number), got {ns!r}"
         if not _is_int(t):
             return i, f"target must be an integer, got {t!r}"
     return None
 
 
 def validate_rows(ds: datasets.Dataset) -> None:
-    """Check columns `nums` (non-empty list of ints) and `target` (int); `DataError` names the problem.
+    """Check columns `nums` (non-empty list of non-negative ints) and `target` (int); `DataError`
+    names the problem.
 
     The error names the missing column (and those present) or the first bad row index. Floats
     with integral values (3.0) pass; `prepare_dataset` casts both columns to int64.
@@ -409,10 +414,11 @@ def validate_rows(ds: datasets.Dataset) -> None:
             pc.equal(pc.fill_null(pc.list_value_length(nums_col), 0), 0),
         )
         flat = pc.list_flatten(nums_col)
-        if flat.null_count:
+        wrong = pc.or_(pc.is_null(flat), pc.fill_null(pc.less(flat, 0), False))  # null or negative
+        if pc.any(wrong).as_py():
             parents = pc.list_parent_indices(nums_col)
-            null_rows = pc.filter(parents, pc.is_null(flat))
-            mask = pc.is_in(pa.array(range(len(nums_col))), value_set=null_rows)
+            wrong_rows = pc.filter(parents, wrong)
+            mask = pc.is_in(pa.array(range(len(nums_col))), value_set=wrong_rows)
             bad = pc.or_(bad, mask)
         if not pc.any(bad).as_py():
             return
@@ -425,6 +431,14 @@ def validate_rows(ds: datasets.Dataset) -> None:
         return
     i, reason = problem
     raise DataError(f"data.source: row {i}: {reason}; fix or drop that row")
+
+
+def count_solvable(ds: datasets.Dataset, limit: int = SOLVABLE_CHECK_ROWS) -> tuple[int, int]:
+    """(rows with a solution, rows checked) among the first `limit` rows (an unsolvable row costs
+    the solver's whole search, about 15 ms, so the check is bounded)."""
+    head = ds.select(range(min(limit, len(ds))))
+    solvable = sum(solve([int(x) for x in r["nums"]], int(r["target"])) is not None for r in head)
+    return solvable, len(head)
 
 
 def prepare_splits(

@@ -232,10 +232,16 @@ def ensure_base_model(cfg: ModelConfig) -> str:
                 "or set model.build_tiny_if_missing=true to build the tiny offline model there"
             )
         t = cfg.tiny
-        build_tiny_model(
-            path, seed=t.seed, hidden_size=t.hidden_size, num_layers=t.num_layers,
-            num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
-        )
+        try:
+            build_tiny_model(
+                path, seed=t.seed, hidden_size=t.hidden_size, num_layers=t.num_layers,
+                num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
+            )
+        except OSError as e:
+            raise ModelLoadError(
+                f"model.name_or_path: cannot build the tiny model in '{name}' ({e.strerror or e}); "
+                "point it at a writable folder"
+            ) from None
         return str(path)
     return name
 
@@ -302,6 +308,28 @@ def load_base_model(cfg: ModelConfig) -> Any:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def check_lora_targets(cfg: RunConfig) -> None:
+    """`ConfigError` unless every name in `lora.target_modules` is a module of the base model (as
+    peft matches them: the last part of a module's dotted name). Builds the model's skeleton on the
+    meta device: no weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = ensure_base_model(cfg.model)
+    try:
+        config = AutoConfig.from_pretrained(name, revision=cfg.model.revision)
+    except _load_errors() as e:
+        raise _load_error(name, e) from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = {n.rsplit(".", 1)[-1] for n, _ in skeleton.named_modules()}
+    missing = [t for t in cfg.lora.target_modules if t not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(
+            f"lora.target_modules: {missing} are not modules of {name}; its linear layers are {linear}"
+        )
 
 
 def attach_lora(model: Any, lora: LoraConfig, seed: int = 0) -> Any:

@@ -10,6 +10,7 @@ Pure formatting: every value comes from a stage's typed result; nothing here rea
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -92,6 +93,11 @@ def mlflow_pointer(tracking_uri: str, experiment_id: str, run_id: str) -> tuple[
         return url, f"MLflow run [{run_id}]({url})"
     note = (
         f"MLflow run `{run_id}` (experiment id {experiment_id}) in `{tracking_uri}`.\n\n"
-        f"Open it with:\n\n```\nmlflow ui --backend-store-uri {tracking_uri}\n```\n"
+        f"Open it with:\n\n```\n{mlflow_ui_command(tracking_uri)}\n```\n"
     )
     return None, note
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """The shell command that opens a local store in the MLflow UI (the URI quoted for the shell)."""
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)}"

@@ -46,8 +46,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from grpo.algorithm import check_finite_update, check_finite_weights
 from grpo.config import Conversation, RunConfig
 from grpo.countdown import build_prompt, solve_steps
+from grpo.errors import DataError, TrainingDiverged
 from grpo.fastpath import keep_freed_memory
 
 IGNORE_INDEX = -100
@@ -185,7 +187,7 @@ def train_sft(
     s = cfg.sft
     examples = build_examples(train_rows, tokenizer, cfg.data.conversation)
     if not examples:
-        raise ValueError("no training row has a solution; the warm start needs solvable rows")
+        raise DataError("data.source: no training row has a solution; the warm start needs solvable rows")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params and not hasattr(model, "peft_config"):  # a frozen plain base: fine-tune it all
         model.requires_grad_(True)
@@ -238,8 +240,15 @@ def train_sft(
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        try:
+            check_finite_update(float(loss.detach()), grad_norm)
+            optimizer.step()
+            check_finite_weights(params)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(
+                f"warm start step {step + 1}: {e}; lower sft.learning_rate ({s.learning_rate:g})"
+            ) from None
 
         step += 1
         dt = time.perf_counter() - t0

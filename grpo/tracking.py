@@ -46,6 +46,8 @@ MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 PARAMS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 HEALTH_TIMEOUT_S = 3.0
+STORE_SCHEMES = frozenset({"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks"})
+"""URI schemes MLflow keeps runs in (a database URI may name its driver: postgresql+psycopg2)."""
 KEY_TAG = "elite_key"
 MODEL_KEY_TAG = "grpo.model_key"
 # Checkpoint files that are training state, not part of the adapter a user downloads.
@@ -147,8 +149,24 @@ def check_tracking(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
                 "--backend-store-uri sqlite:///mlflow.db` or unset MLFLOW_TRACKING_URI"
             )
         return
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else "file"
+    if scheme not in STORE_SCHEMES:
+        raise TrackingError(
+            f"pipeline.tracking_uri: {uri!r} has the scheme {scheme!r}, which MLflow cannot store runs in; "
+            "use sqlite:///path/mlflow.db, http(s)://host:port, or a database URI"
+        )
     db = _sqlite_path(uri)
     if db is not None:
+        if db.is_dir():
+            raise TrackingError(
+                f"pipeline.tracking_uri: {db} is a folder; name a database file in it, "
+                f"e.g. sqlite:///{db / 'mlflow.db'}"
+            )
+        if db.is_file() and db.stat().st_size and not _is_sqlite(db):
+            raise TrackingError(
+                f"pipeline.tracking_uri: {db} is not an SQLite database; point the URI at an MLflow "
+                "database or at a new file"
+            )
         parent = db.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +179,11 @@ def check_tracking(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
             raise TrackingError(
                 f"pipeline.tracking_uri: {db} is not writable; pick a writable path for {uri}"
             )
+
+
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
 
 
 def default_artifact_location(uri: str, experiment: str) -> str | None:
@@ -600,14 +623,19 @@ def register_once(
     return register_version(uri, name, model_id, {**tags, key_tag: key}, run_id), True
 
 
-def best_version(uri: str, name: str, metric_tag: str) -> str | None:
-    """The version of `name` whose tag `metric_tag` is the highest number (ties: the newest)."""
+def best_version(
+    uri: str, name: str, metric_tag: str, skip_tag: tuple[str, str] | None = None
+) -> str | None:
+    """The version of `name` whose tag `metric_tag` is the highest number (ties: the newest),
+    leaving out the versions tagged `skip_tag = (key, value)`."""
     _check_name(name)
     client = _client(uri)
     with _errors(f"MLflow registered model {name!r}"):
         client.get_registered_model(name)
         scored = []
         for v in _versions(client, name):
+            if skip_tag is not None and v.tags.get(skip_tag[0]) == skip_tag[1]:
+                continue
             try:
                 value = float(v.tags[metric_tag])
             except (KeyError, ValueError):

@@ -34,6 +34,7 @@ from grpo.algorithm import completion_logprobs, group_advantages, policy_update
 from grpo.config import RunConfig
 from grpo.countdown import build_prompt
 from grpo.distributed import average_gradients, gather_metrics
+from grpo.errors import TrainingDiverged
 from grpo.fastpath import completion_logprobs_fast, keep_freed_memory
 from grpo.rewards import get_rewards
 from grpo.rollout import Rollout, make_generator
@@ -98,6 +99,13 @@ def score(
         name: torch.tensor(fn(list(texts), **columns), dtype=torch.float32)  # (N,)
         for name, fn in reward_fns
     }
+    for name, values in per_fn.items():
+        bad = (~torch.isfinite(values)).nonzero().flatten()  # (k,)
+        if len(bad):
+            raise TrainingDiverged(
+                f"reward {name!r} returned {values[bad[0]].item()} for completion {bad[0].item()} "
+                f"({len(bad)} of {len(values)} non-finite); a reward must return finite numbers"
+            )
     weights = weights or [1.0] * len(reward_fns)
     total = sum(w * per_fn[name] for w, (name, _) in zip(weights, reward_fns))  # (N,)
     return total, per_fn
@@ -279,7 +287,13 @@ class GRPOTrainer:
             adv = self.advantages(rewards)  # (N,)
         with clock("reference"):
             old, ref = self.old_and_reference_logprobs(rollout)
-        update = self.update(rollout, adv.to(self.generator_device), old, ref)
+        try:
+            update = self.update(rollout, adv.to(self.generator_device), old, ref)
+        except TrainingDiverged as e:
+            raise TrainingDiverged(
+                f"GRPO step {self.step_count + 1}: {e}; lower train.learning_rate "
+                f"({self.cfg.train.learning_rate:g}) or train.max_grad_norm, or check the rewards"
+            ) from None
         with clock("sync"):
             self.generator.sync_weights(self.model)
         self.step_count += 1

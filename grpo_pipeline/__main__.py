@@ -2,6 +2,6 @@
 
 import sys
 
-from grpo_pipeline.cli import main
+from grpo_pipeline.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

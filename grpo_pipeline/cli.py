@@ -24,13 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from grpo.errors import UserError
+from grpo.errors import ConfigError, UserError, disk_problem
 
+PREFECT_HEALTH_TIMEOUT_S = 5.0
+"""How long a configured Prefect server may take to answer /health before `grpo` gives up."""
 ENV_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline, the temporary server stalls on telemetry
     "DO_NOT_TRACK": "1",
@@ -73,13 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
         "offline). Config fields: see configs/tiny-cpu.yaml.",
     )
     _add_config_args(p)
+    p.add_argument(
+        "--resume", nargs="?", const="last", default=None, metavar="RUN_ID",
+        help="Continue an interrupted run (an MLflow run id; `last` or nothing: the newest failed or "
+        "killed run of the experiment): same MLflow run and checkpoints, no step repeated. Without "
+        "--config/--set the run's own config is used.",
+    )
     p.add_argument("--no-promote", action="store_true", help="Skip the promote flow.")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
-        "promote", help="Move the champion alias to the best registered adapter if it is as good.",
+        "promote", help="Move the champion alias to the best registered adapter if it is better.",
         description="Re-evaluate the best (or the named) version and the current champion on the "
-        "same held-out split, and move the alias only when the candidate is at least as accurate.",
+        "same held-out split, and move the alias only when the candidate is more accurate.",
     )
     p.add_argument("--model", default=None, help="Registered model (default: pipeline.registered_model).")
     p.add_argument("--version", type=int, default=None, help="Candidate version (default: best by eval accuracy).")
@@ -135,11 +144,34 @@ def _call_flow(flow: Any, **params: Any) -> Any:
     return state.result()
 
 
+def check_prefect_api(timeout_s: float = PREFECT_HEALTH_TIMEOUT_S) -> None:
+    """When a Prefect server is configured (PREFECT_API_URL or the active profile), it must answer
+    /health within `timeout_s`; without one, Prefect starts a temporary local server itself."""
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        return
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            status, why = resp.status, f"HTTP {resp.status}"
+    except urllib.error.HTTPError as e:
+        status, why = e.code, f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        status, why = None, str(getattr(e, "reason", e)) or type(e).__name__
+    if status != 200:
+        raise ConfigError(
+            f"PREFECT_API_URL: the Prefect server at {url} does not answer ({why}); start it with "
+            "`prefect server start`, or unset PREFECT_API_URL to run on a temporary local server"
+        )
+
+
 def _version_of(uri: str, model_uri: str) -> tuple[str, str]:
     """(name, version) of `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
     from grpo import tracking
-    from grpo.errors import ConfigError
-
     rest = model_uri.removeprefix("models:/")
     if rest == model_uri or not rest:
         raise ConfigError(f"--model {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -159,20 +191,40 @@ def _version_of(uri: str, model_uri: str) -> tuple[str, str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from grpo import reports
-    from grpo.stages import data
+    from grpo import reports, tracking
+    from grpo.stages import data, runs
 
     cfg = _config(args)
+    uri = tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri)
+    resume = None
+    if args.resume is not None:
+        tracking.check_tracking(uri)
+        runs.mark_stale_runs(cfg, uri)
+        resume = runs.last_interrupted(cfg, uri) if args.resume == "last" else args.resume
+        if resume is None:
+            raise ConfigError(f"--resume last: experiment {cfg.pipeline.experiment!r} has no failed or killed run")
+        if not (args.config or args.overrides):
+            cfg = runs.run_config(uri, resume) or cfg
     data.preflight(cfg)  # one line on any bad input, before Prefect starts
+    check_prefect_api()
+    for stale in runs.mark_stale_runs(cfg, uri):
+        print(f"note: MLflow run {stale} was left RUNNING by a process that is gone; marked KILLED")
+    if resume is not None:
+        runs.check_resumable(cfg, uri, resume)
+    elif (interrupted := runs.interrupted_previous_run(cfg, uri)) is not None:
+        print(f"note: the previous run of this config, {interrupted}, was interrupted; "
+              f"`grpo run --resume {interrupted}` continues it. Starting a new run.")
     from grpo_pipeline.flows.finetune import finetune
     from grpo_pipeline.flows.promote import promote
 
-    summary = _call_flow(finetune, config=cfg)
+    summary = _call_flow(finetune, config=cfg, resume_run_id=resume)
     decision = None
     if not args.no_promote and summary.versions:
         decision = _call_flow(promote, config=cfg)
     uri = summary.tracking_uri
     print()
+    if resume is not None:
+        print(f"resumed run {resume}")
     print(f"finished run {summary.run_id}: {len(summary.rounds)} rounds, step {summary.final_step}, "
           f"registered versions {summary.versions or 'none'}")
     for row in summary.rounds:
@@ -182,7 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"promotion: {decision.decision} v{decision.candidate} ({decision.reason})")
     print("where to look:")
     url, _ = reports.mlflow_pointer(uri, summary.experiment_id, summary.run_id)
-    print(f"  MLflow UI:  {url or f'mlflow ui --backend-store-uri {uri}'}")
+    print(f"  MLflow UI:  {url or reports.mlflow_ui_command(uri)}")
     print(f"  run id:     {summary.run_id} (experiment {summary.experiment})")
     if decision is not None and decision.champion is not None:
         print(f"  model:      {decision.model_uri} (version {decision.champion})")
@@ -194,8 +246,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     cfg = _config(args) if (args.config or args.overrides) else None
     from grpo import tracking
+    from grpo.config import RunConfig
+    from grpo.stages import registry
 
-    tracking.check_tracking(tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri if cfg else None))
+    pipe = (cfg or RunConfig()).pipeline
+    uri = tracking.resolve_tracking_uri(pipe.tracking_uri)
+    # A missing model or version ends in one line here, not after a flow run's traceback.
+    registry.promotion_candidates(uri, args.model or pipe.registered_model, args.version)
+    check_prefect_api()
     from grpo_pipeline.flows.promote import promote
 
     decision = _call_flow(promote, model_name=args.model, version=args.version, alias=args.alias, config=cfg)
@@ -252,7 +310,30 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if (line := disk_problem(e)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end the process as an exception does (exit status 143), not by the default
+    action: Prefect first marks the flow run crashed (its hooks mark the MLflow run FAILED), then
+    re-sends the signal, and this handler lets the interpreter's exit handlers stop the temporary
+    Prefect server instead of leaving it orphaned."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def entry() -> int:
+    """The `grpo` console script and `python -m grpo_pipeline`: `main` with the SIGTERM handler."""
+    exit_on_sigterm()
+    return main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

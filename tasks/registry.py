@@ -23,9 +23,12 @@ from grpo_pipeline.tasks.retry import RETRY_OPTIONS
 
 
 @task(name="open-mlflow-run", **RETRY_OPTIONS)
-def open_run(config: RunConfig, tracking_uri: str, flow_run_id: str | None = None) -> TrackedRun:
-    """The MLflow run of this flow run (found again when the flow run is retried)."""
-    return runs.open_run(config, tracking_uri, flow_run_id)
+def open_run(
+    config: RunConfig, tracking_uri: str, flow_run_id: str | None = None, resume_run_id: str | None = None
+) -> TrackedRun:
+    """The MLflow run of this flow run (found again when the flow run is retried; the interrupted
+    run `resume_run_id` when given)."""
+    return runs.open_run(config, tracking_uri, flow_run_id, resume_run_id)
 
 
 @task(name="close-mlflow-run", **RETRY_OPTIONS)
@@ -83,5 +86,5 @@ def decide_promotion(
     champion_result: EvalResult | None,
     test_path: str,
 ) -> PromotionDecision:
-    """Move the alias when the candidate is at least as good; tag both versions with the outcome."""
+    """Move the alias when the candidate is more accurate; tag both versions with the outcome."""
     return registry.decide_promotion(tracking_uri, candidates, candidate_result, champion_result, test_path)

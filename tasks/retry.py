@@ -3,7 +3,8 @@
     @task(name="train-round", **RETRY_OPTIONS)
 
 A `grpo.errors.UserError` (config, data, path) does not heal by waiting, so it is not retried,
-unless it says it may be transient (`retryable`, e.g. `TrackingReadError`).
+unless it says it may be transient (`retryable`, e.g. `TrackingReadError`); neither is a full disk
+or a read-only file system.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from grpo.errors import UserError
+from grpo.errors import UserError, disk_problem
 
 RETRIES = 2
 """Retries of the tasks that do work (a third attempt after two failures)."""
@@ -27,6 +28,8 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except UserError as e:
         return e.retryable
+    except OSError as e:
+        return disk_problem(e) is None  # a full disk or a read-only folder does not heal by waiting
     except BaseException:  # noqa: BLE001 - the failure to judge, whatever it is
         return True
     return True

@@ -279,6 +279,7 @@ def test_promotion_fails_when_the_candidates_run_config_cannot_be_read(
     ckpt = train_round.fn(cfg, ref, 0, run_id, mlflow_uri)
     result = evaluate.evaluate_checkpoint(cfg, ckpt, ref, run_id, mlflow_uri, progress=False)
     version = register_elite.fn(cfg, ckpt, result, run_id, mlflow_uri, None, ref).version
+    runs.close_run(mlflow_uri, run_id)  # a finished run: its version is a promotion candidate
 
     downloads: list[str] = []
 

@@ -199,7 +199,7 @@ def test_open_run_finds_the_run_of_a_retried_flow_run(tmp_path: Path, mlflow_uri
 
 
 def test_fail_flow_run_marks_only_its_running_run(mlflow_uri: str) -> None:
-    cfg = load_config(None, ["pipeline.experiment=exp-hook", f"pipeline.tracking_uri={mlflow_uri}"])
+    cfg = load_config(None, ["pipeline.experiment=exp-fail-flow-run", f"pipeline.tracking_uri={mlflow_uri}"])
     client = MlflowClient(mlflow_uri)
     assert runs.fail_flow_run(cfg, "never-opened") is None
     run_id = runs.open_run(cfg, mlflow_uri, "flow-run-x").run_id
@@ -252,3 +252,36 @@ def test_user_errors_are_not_retried() -> None:
     assert not retry_unless_user_error(None, None, Failed(data=ConfigError("train.group_size: ...")))
     assert not retry_unless_user_error(None, None, Failed(data=DataError("data.source: ...")))
     assert retry_unless_user_error(None, None, Failed(data=TrackingReadError("MLflow run r: artifact ...")))
+
+
+def test_stale_runs_are_marked_and_the_interrupted_one_is_found(tmp_path: Path, mlflow_uri: str) -> None:
+    import subprocess
+    import sys
+
+    from grpo.errors import ConfigError
+
+    cfg = load_config(None, ["pipeline.experiment=exp-stale", f"pipeline.tracking_uri={mlflow_uri}"])
+    other = cfg.model_copy(update={"name": "other"})
+    assert runs.last_interrupted(cfg, mlflow_uri) is None
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    crashed = runs.open_run(cfg, mlflow_uri, "flow-a").run_id
+    tracking.set_tags(mlflow_uri, crashed, {runs.PID_TAG: gone.stdout.strip()})  # its process has exited
+    alive = runs.open_run(cfg, mlflow_uri, "flow-b").run_id  # this process: alive
+    assert runs.mark_stale_runs(cfg, mlflow_uri) == [crashed]
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(crashed).info.status == "KILLED" and client.get_run(alive).info.status == "RUNNING"
+    assert runs.last_interrupted(cfg, mlflow_uri) == crashed
+    assert runs.interrupted_previous_run(cfg, mlflow_uri) is None  # the newest run is the live one
+
+    tracking.end_run(mlflow_uri, alive, "FAILED")
+    assert runs.interrupted_previous_run(cfg, mlflow_uri) == alive
+    assert runs.interrupted_previous_run(other, mlflow_uri) is None  # another config
+    runs.check_resumable(cfg, mlflow_uri, crashed)
+    with pytest.raises(ConfigError, match=f"^--resume {crashed}: name is 'other' here but 'tiny-cpu' in the run"):
+        runs.check_resumable(other, mlflow_uri, crashed)
+    resumed = runs.open_run(cfg, mlflow_uri, "flow-c", resume_run_id=crashed)
+    assert resumed.run_id == crashed and client.get_run(crashed).info.status == "RUNNING"
+    assert client.get_run(crashed).data.tags[runs.FLOW_RUN_TAG] == "flow-c"  # the hooks find it again
+    tracking.end_run(mlflow_uri, crashed, "FINISHED")
+    with pytest.raises(ConfigError, match="the run has finished"):
+        runs.check_resumable(cfg, mlflow_uri, crashed)

@@ -9,13 +9,17 @@ prepared, cached train/test splits.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from grpo import tracking
 from grpo.config import RunConfig
-from grpo.countdown import DatasetRef, load_rows, prepare_dataset, validate_rows
-from grpo.errors import ConfigError
+from grpo.countdown import DatasetRef, count_solvable, load_rows, prepare_dataset, validate_rows
+from grpo.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 def _check_writable(folder: str, field: str) -> None:
@@ -31,21 +35,16 @@ def _check_writable(folder: str, field: str) -> None:
         ) from None
 
 
-def _looks_like_file(source: str) -> bool:
-    return source.lower().endswith((".parquet", ".jsonl", ".json", ".csv")) or source.startswith(
-        (".", "/", "~")
-    )
-
-
 def preflight(cfg: RunConfig) -> None:
     """Check everything that can fail before training; raise a one-line `UserError` naming the field.
 
     Covers: the generation backend is installed, reward names exist, the device exists, the
     output and cache folders are writable, the MLflow tracking URI answers, a local dataset file
-    exists and has the `nums`/`target` columns, and the base model and tokenizer load (the tiny
-    model is built when missing and allowed; a hub id that is not cached offline fails here).
+    exists, has the `nums`/`target` columns and rows with a solution, the base model and tokenizer load (the tiny
+    model is built when missing and allowed; a hub id that is not cached offline fails here), and
+    `lora.target_modules` names modules of that model.
     """
-    from grpo.models import ensure_base_model, load_tokenizer, resolve_device
+    from grpo.models import check_lora_targets, ensure_base_model, load_tokenizer, resolve_device
     from grpo.rewards import get_rewards
 
     if cfg.generation.backend == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -59,10 +58,27 @@ def preflight(cfg: RunConfig) -> None:
     _check_writable(cfg.data.cache_dir, "data.cache_dir")
     tracking.check_tracking(tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri))
     source = cfg.data.source
-    if source != "generate" and (Path(source).expanduser().exists() or _looks_like_file(source)):
-        validate_rows(load_rows(source))  # hub ids are loaded (and checked) by prepare_dataset
+    if source != "generate":  # a file, or a hub dataset (downloaded once, then cached)
+        rows = load_rows(source)
+        validate_rows(rows)
+        _check_solvable(rows, source)
     name = ensure_base_model(cfg.model)
     load_tokenizer(name, cfg.model.revision)
+    check_lora_targets(cfg)
+
+
+def _check_solvable(rows: Any, source: str) -> None:
+    """`DataError` when no checked row has a solution (nothing could ever earn the equation reward
+    or a warm-start example); a warning with the count when some have none."""
+    solvable, checked = count_solvable(rows)
+    if solvable == 0:
+        raise DataError(
+            f"data.source: none of the first {checked} rows of '{source}' has a solution (nums cannot "
+            "make target); nothing could earn the equation reward. Check the nums/target columns"
+        )
+    if solvable < checked:
+        log.warning("data.source: %d of the first %d rows of '%s' have no solution; they earn no "
+                    "equation reward", checked - solvable, checked, source)
 
 
 def prepare(cfg: RunConfig) -> DatasetRef:

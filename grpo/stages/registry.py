@@ -26,9 +26,9 @@ from grpo import tracking
 from grpo.checkpoint import CheckpointRef
 from grpo.config import EvalConfig, RunConfig
 from grpo.countdown import DatasetRef, load_split, prepare_dataset
-from grpo.errors import TrackingError
+from grpo.errors import TrackingError, TrainingDiverged
 from grpo.evaluate import EvalResult, evaluate, mcnemar
-from grpo.stages.runs import FLOW_RUN_TAG, run_config
+from grpo.stages.runs import FLOW_RUN_TAG, RUN_FINISHED_TAG, run_config
 from grpo.stages.warm_start import with_base
 
 ACCURACY_TAG = "eval_accuracy"
@@ -80,6 +80,20 @@ class PromotionDecision(BaseModel):
     model_uri: str
 
 
+def check_finite_adapter(folder: str | Path, what: str) -> None:
+    """Raise `TrainingDiverged` when the adapter in `folder` holds a NaN or infinite weight."""
+    from safetensors.torch import load_file
+
+    from grpo.checkpoint import ADAPTER_WEIGHTS
+
+    bad = sorted(k for k, v in load_file(Path(folder) / ADAPTER_WEIGHTS).items() if not bool(v.isfinite().all()))
+    if bad:
+        raise TrainingDiverged(
+            f"{what}: the adapter holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); "
+            "it is neither registered nor promoted. Lower train.learning_rate and train again"
+        )
+
+
 def _float_tag(version: Any, key: str) -> float | None:
     try:
         return float(version.tags[key])
@@ -121,6 +135,7 @@ def register_elite(
     best = max(accuracies) if accuracies else None
     if best is not None and acc <= best:
         return Registration(version=None, elite=False, best_accuracy=best, created=False)
+    check_finite_adapter(ckpt_ref.path, f"checkpoint {ckpt_ref.path}")
 
     base = cfg.model.name_or_path
     if Path(base).expanduser().is_dir():
@@ -136,6 +151,7 @@ def register_elite(
         "eval_n": eval_result.n,
         "run_id": run_id,
         FLOW_RUN_TAG: flow_run_id or "",
+        RUN_FINISHED_TAG: "false",  # "true" once the run finishes (runs.close_run)
         "lora_r": cfg.lora.r,
         "lora_alpha": cfg.lora.alpha,
     }
@@ -156,17 +172,19 @@ def promotion_candidates(
     alias: str = "champion",
     metric: str = ACCURACY_TAG,
 ) -> PromotionCandidates:
-    """The candidate (the named version, else the best by tag `metric`) and the current champion."""
+    """The candidate (the named version, else the best by tag `metric` among the versions of
+    finished runs: an interrupted run's versions wait for it to finish or to be named) and the
+    current champion."""
     tracking.check_tracking(tracking_uri)
     if version is not None:
         tracking.get_version(tracking_uri, model_name, version)  # TrackingError when absent
         candidate = str(version)
     else:
-        candidate = tracking.best_version(tracking_uri, model_name, metric)
+        candidate = tracking.best_version(tracking_uri, model_name, metric, skip_tag=(RUN_FINISHED_TAG, "false"))
         if candidate is None:
             raise TrackingError(
-                f"registered model {model_name!r}: no version has a numeric {metric!r} tag; "
-                "register one with `grpo run` or name one with --version"
+                f"registered model {model_name!r}: no version of a finished run has a numeric {metric!r} "
+                "tag; register one with `grpo run` or name one with --version"
             )
     champion = tracking.get_alias_version(tracking_uri, model_name, alias)
     return PromotionCandidates(model_name=model_name, alias=alias, candidate=candidate, champion=champion)
@@ -220,6 +238,7 @@ def evaluate_version(
         cfg = cfg.model_copy(update={"eval": eval_cfg})
     with tempfile.TemporaryDirectory() as tmp:
         adapter = tracking.download_model(tracking_uri, f"models:/{model_name}/{version}", tmp)
+        check_finite_adapter(adapter, f"registered model {model_name!r} version {version}")
         model, tokenizer = load_policy(cfg, adapter_dir=str(adapter))
     rows = load_split(test_path)
     step = int(tags.get("step", 0) or 0)
@@ -233,8 +252,12 @@ def decide_promotion(
     champion_result: EvalResult | None,
     test_path: str,
 ) -> PromotionDecision:
-    """Move the alias to the candidate when it is at least as accurate as the champion on the same
-    split (or there is no champion); record the decision as tags on both versions."""
+    """Move the alias to the candidate when it is more accurate than the champion on the same split
+    (or there is no champion); record the decision as tags on both versions.
+
+    A tie keeps the champion: an adapter that is no better is not worth a change, and two
+    adapters that both solve nothing (accuracy 0) tie. A candidate that solves no held-out problem
+    is only promoted when there is no champion at all, and its reason then says so."""
     name, alias = candidates.model_name, candidates.alias
     cand, champ = candidates.candidate, candidates.champion
     cand_acc = candidate_result.accuracy
@@ -245,12 +268,17 @@ def decide_promotion(
     elif champ == cand:
         moved, decision = False, "kept"
         reason = f"version {cand} already holds @{alias}"
-    elif champ_acc is not None and cand_acc >= champ_acc:
+    elif champ_acc is not None and cand_acc > champ_acc:
         moved, decision = True, "promoted"
-        reason = f"{cand_acc:.4f} >= champion v{champ} {champ_acc:.4f}"
+        reason = f"{cand_acc:.4f} > champion v{champ} {champ_acc:.4f}"
+    elif champ_acc is not None and cand_acc == champ_acc:
+        moved, decision = False, "rejected"
+        reason = f"{cand_acc:.4f} ties champion v{champ}; a tie keeps the champion"
     else:
         moved, decision = False, "rejected"
         reason = f"{cand_acc:.4f} < champion v{champ} {champ_acc:.4f}"
+    if cand_acc == 0.0:
+        reason += f"; warning: the candidate solves none of the {candidate_result.n} held-out problems"
     paired = None
     if champion_result is not None and champ != cand:
         paired = mcnemar(champion_result.correct, candidate_result.correct)

@@ -7,12 +7,17 @@ was started with; the run's summary.
     cfg_again = runs.run_config(uri, run.run_id)   # RunConfig, or None when it has no config.json
 
 One MLflow run per flow run, tagged `prefect_flow_run_id`: a retried flow run continues its run,
-and the flow's failure and crash hooks find it by that tag (`fail_flow_run`). `round_summary` makes
-one row of the run's summary per round.
+and the flow's failure and crash hooks find it by that tag (`fail_flow_run`). A run interrupted for
+good (a killed process) is continued by a new flow run with `open_run(..., resume_run_id=...)`:
+same MLflow run, same checkpoints, no step repeated; `mark_stale_runs` marks runs whose process is
+gone KILLED, and `last_interrupted` finds the one to resume. `round_summary` makes one row of the
+run's summary per round.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +36,11 @@ FLOW_RUN_TAG = "prefect_flow_run_id"
 """MLflow run tag (and model version tag) holding the Prefect flow run id."""
 CONFIG_ARTIFACT = "config.json"
 """The run's full config, logged with every MLflow run (promote re-evaluates with it)."""
+HOST_TAG, PID_TAG = "grpo.host", "grpo.pid"
+"""Run tags: the host and process id running the flow (a crashed run's process is gone)."""
+RUN_FINISHED_TAG = "grpo.run_finished"
+"""Model-version tag: "false" while the run that registered it has not finished ("true" then);
+promotion skips the versions of unfinished runs unless one is named."""
 STEP_METRIC = "reward_mean"
 """A metric the trainer logs at every step: its history says which steps are already logged."""
 
@@ -84,29 +94,110 @@ def run_dir(cfg: RunConfig, run_id: str) -> Path:
     return Path(cfg.pipeline.output_dir).expanduser().absolute() / run_id
 
 
-def open_run(cfg: RunConfig, tracking_uri: str, flow_run_id: str | None = None) -> TrackedRun:
-    """The MLflow run of this flow run: found by its `prefect_flow_run_id` tag (a retried flow run
-    continues its run), else created with the config as params and as `config.json`."""
+def _process_tags() -> dict[str, str]:
+    """Where the run's process lives: `mark_stale_runs` tells a crashed run from a live one by it."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def open_run(
+    cfg: RunConfig, tracking_uri: str, flow_run_id: str | None = None, resume_run_id: str | None = None
+) -> TrackedRun:
+    """The MLflow run of this flow run: `resume_run_id` when given (an interrupted run continued by
+    a new flow run, see `check_resumable`), else the run tagged with this `prefect_flow_run_id` (a
+    retried flow run continues its run), else a new run with the config as params and as
+    `config.json`."""
     exp = cfg.pipeline.experiment
     experiment_id = tracking.make_experiment(tracking_uri, exp)
-    found = tracking.find_run(tracking_uri, exp, FLOW_RUN_TAG, str(flow_run_id)) if flow_run_id else None
+    if resume_run_id is not None:
+        check_resumable(cfg, tracking_uri, resume_run_id)
+        found: str | None = resume_run_id
+    else:
+        found = tracking.find_run(tracking_uri, exp, FLOW_RUN_TAG, str(flow_run_id)) if flow_run_id else None
     if found is not None:
         tracking.reopen_run(tracking_uri, found)
+        tags = _process_tags() | ({FLOW_RUN_TAG: flow_run_id} if flow_run_id else {})
+        tracking.set_tags(tracking_uri, found, tags)
         return TrackedRun(run_id=found, experiment_id=experiment_id, tracking_uri=tracking_uri)
-    tags = {FLOW_RUN_TAG: str(flow_run_id or ""), "base_model": cfg.model.name_or_path}
+    tags = {FLOW_RUN_TAG: str(flow_run_id or ""), "base_model": cfg.model.name_or_path, **_process_tags()}
     run_id = tracking.start_run(tracking_uri, exp, cfg.name, tags=tags, params=cfg.flat())
     tracking.log_dict(tracking_uri, run_id, cfg.model_dump(mode="json"), CONFIG_ARTIFACT)
     return TrackedRun(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
 
 
 def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED", title: str | None = None) -> None:
-    """Log the run's curves (train reward, eval accuracy) as plots/curves.png and end the run."""
+    """Log the run's curves (train reward, eval accuracy) as plots/curves.png and end the run; when
+    it finished, its registered versions become candidates for promotion (`RUN_FINISHED_TAG`)."""
     if status == "FINISHED":
         from grpo.compare import run_curves_from_mlflow
 
         fig = run_curves_from_mlflow(tracking_uri, run_id, title=title)
         tracking.log_figure(tracking_uri, run_id, fig, "plots/curves.png")
+        for version in tracking.run_versions(tracking_uri, run_id):
+            tracking.set_version_tags(tracking_uri, version.name, version.version, {RUN_FINISHED_TAG: "true"})
     tracking.end_run(tracking_uri, run_id, status)
+
+
+def check_resumable(cfg: RunConfig, tracking_uri: str, run_id: str) -> None:
+    """`ConfigError` unless run `run_id` can be continued with `cfg`: it exists in the experiment,
+    has not finished, and was started with this very config (or has no stored config)."""
+    info = tracking.run_info(tracking_uri, run_id)
+    if info.status == "FINISHED":
+        raise ConfigError(f"--resume {run_id}: the run has finished; start a new one without --resume")
+    if info.experiment_id != tracking.make_experiment(tracking_uri, cfg.pipeline.experiment):
+        raise ConfigError(
+            f"--resume {run_id}: the run is not in experiment {cfg.pipeline.experiment!r}; "
+            "resume it with its own config (no --config/--set)"
+        )
+    stored = run_config(tracking_uri, run_id)
+    if stored is not None and stored != cfg:
+        here, there = cfg.flat(), stored.flat()
+        key = next((k for k in here if there.get(k) != here[k]), "the config")
+        raise ConfigError(
+            f"--resume {run_id}: {key} is {here.get(key)!r} here but {there.get(key)!r} in the run; "
+            "resume with the run's own config (no --config/--set)"
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def mark_stale_runs(cfg: RunConfig, tracking_uri: str) -> list[str]:
+    """Runs of the experiment left RUNNING by a process of this host that is gone (killed, or the
+    machine restarted): marked KILLED so that they no longer look alive; their ids, oldest first."""
+    host = socket.gethostname()
+    stale = []
+    for run in tracking.experiment_runs(tracking_uri, cfg.pipeline.experiment) or []:
+        tags = run.data.tags
+        pid = int(tags.get(PID_TAG, "0") or 0)
+        if run.info.status == "RUNNING" and tags.get(HOST_TAG) == host and pid and not _alive(pid):
+            tracking.end_run(tracking_uri, run.info.run_id, "KILLED")
+            stale.append(run.info.run_id)
+    return stale
+
+
+def last_interrupted(cfg: RunConfig, tracking_uri: str) -> str | None:
+    """The newest run of the experiment that ended FAILED or KILLED, or None."""
+    for run in reversed(tracking.experiment_runs(tracking_uri, cfg.pipeline.experiment) or []):
+        if run.info.status in ("FAILED", "KILLED"):
+            return run.info.run_id
+    return None
+
+
+def interrupted_previous_run(cfg: RunConfig, tracking_uri: str) -> str | None:
+    """The newest run of the experiment when it ended FAILED or KILLED with this very config (a
+    rerun of the same command after a crash), else None."""
+    found = tracking.experiment_runs(tracking_uri, cfg.pipeline.experiment) or []
+    if found and found[-1].info.status in ("FAILED", "KILLED"):
+        run_id = found[-1].info.run_id
+        return run_id if run_config(tracking_uri, run_id) == cfg else None
+    return None
 
 
 def fail_flow_run(cfg: RunConfig, flow_run_id: str) -> str | None:
