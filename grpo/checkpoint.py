@@ -8,11 +8,21 @@ Layout of one checkpoint (`checkpoint_path(run_dir, 10)`):
         tokenizer files                                   # tokenizer.save_pretrained
         trainer_state.pt   # optimizer, scheduler, RNG states, `state`; torch.load(weights_only=True)
         state.json         # `state` again, for humans
-        COMPLETE           # written last: a folder without it is never loaded
+        COMPLETE           # written last: the manifest, {"files": {name: size in bytes},
+                           #                              "sha256": {name: hex digest}}
 
 A save writes into the sibling folder `step-000010.tmp-<pid>` and renames it into place, so a
 crash mid-save leaves the previous checkpoints untouched and `latest_checkpoint` never returns a
-partial folder. Usage:
+partial folder.
+
+What is verified before a checkpoint counts (`is_complete`, `checkpoint_problem`): COMPLETE exists
+and parses as the manifest above (listing trainer_state.pt and state.json), and every file it lists
+exists with the recorded size and, when recorded, the recorded sha256. A COMPLETE of the older
+format (sizes only, no "sha256") is still accepted and then only sizes are checked. A folder that
+fails is not intact: `list_checkpoints` and `latest_checkpoint` skip it with one WARNING each (so a
+resume falls back to the newest intact checkpoint, and pruning never counts it), and
+`load_checkpoint`/`read_state` raise a one-line `CheckpointError` naming the file and the mismatch.
+Files not listed in COMPLETE are not checked. Usage:
 
     path = save_checkpoint(checkpoint_path(run_dir, step), model=model, tokenizer=tok,
                            optimizer=opt, scheduler=sched, state={"step": step, "round": 1})
@@ -24,7 +34,9 @@ included) is what makes a retried Prefect task continue rather than restart.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -45,9 +57,14 @@ TRAINER_STATE = "trainer_state.pt"
 STATE_JSON = "state.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+MANIFEST_SIZES = "files"
+MANIFEST_SHA256 = "sha256"
+REQUIRED_FILES = (TRAINER_STATE, STATE_JSON)
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _LEFTOVER_RE = re.compile(r"^step-\d+\.(?:tmp|old)-(\d+)$")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError):
@@ -138,6 +155,21 @@ def _write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _manifest_text(folder: Path, files: list[Path]) -> str:
+    """COMPLETE's content: size and sha256 of each file, keyed by its path relative to `folder`."""
+    names = {str(p.relative_to(folder)): p for p in files}
+    manifest = {
+        MANIFEST_SIZES: {name: p.stat().st_size for name, p in names.items()},
+        MANIFEST_SHA256: {name: _sha256(p) for name, p in names.items()},
+    }
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+
 def _write_files(
     tmp: Path,
     model: Any,
@@ -163,8 +195,7 @@ def _write_files(
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for p in files:
         _fsync_file(p)
-    manifest = {str(p.relative_to(tmp)): p.stat().st_size for p in files}
-    _write_text(tmp / COMPLETE, json.dumps({"files": manifest}, indent=2, sort_keys=True) + "\n")
+    _write_text(tmp / COMPLETE, _manifest_text(tmp, files))
     _fsync_file(tmp / COMPLETE)
     _fsync_dir(tmp)
 
@@ -220,38 +251,124 @@ def save_checkpoint(
 # ----------------------------------------------------------------------------- find / load
 
 
+class _NotIntact(Exception):
+    """Why a checkpoint folder does not match its COMPLETE manifest (one line, no folder name)."""
+
+
+def _is_plain_name(name: str) -> bool:
+    parts = Path(name).parts
+    return name.isprintable() and bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
+def _is_mapping(value: Any, value_type: type) -> bool:
+    """A dict of plain relative file names to `value_type` values (bool is no int here)."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _is_plain_name(k) and type(v) is value_type for k, v in value.items()
+    )
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """(sizes, sha256 digests) recorded in COMPLETE; digests are empty for the older sizes-only format."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        raise _NotIntact(f"incomplete (no {COMPLETE} marker, the save was interrupted)")
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _NotIntact(f"{COMPLETE} is unreadable ({e})") from None
+    sizes = data.get(MANIFEST_SIZES) if isinstance(data, dict) else None
+    digests = data.get(MANIFEST_SHA256, {}) if isinstance(data, dict) else None
+    if not _is_mapping(sizes, int) or not _is_mapping(digests, str) or not set(digests) <= set(sizes):
+        raise _NotIntact(f"{COMPLETE} is malformed (no valid file manifest)")
+    unlisted = [name for name in REQUIRED_FILES if name not in sizes]
+    if unlisted:
+        raise _NotIntact(f"{COMPLETE} is malformed (does not list {', '.join(unlisted)})")
+    return sizes, digests
+
+
+def _check_files(path: Path, sizes: dict[str, int], digests: dict[str, str]) -> None:
+    """Every listed file exists with its recorded size; then (the slower part) its recorded sha256."""
+    for name, recorded in sorted(sizes.items()):
+        file = path / name
+        if not file.is_file():
+            raise _NotIntact(f"{name} is missing ({COMPLETE} lists it)")
+        size = file.stat().st_size
+        if size != recorded:
+            raise _NotIntact(f"{name} is {size} bytes, {COMPLETE} recorded {recorded}")
+    for name, recorded in sorted(digests.items()):
+        if _sha256(path / name) != recorded:
+            raise _NotIntact(f"{name} does not match its sha256 in {COMPLETE} (changed after the save)")
+
+
+def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
+    """None when `path` is an intact checkpoint folder, else why not in one line: no or unparsable
+    COMPLETE, or the first listed file that is missing or differs in size or sha256."""
+    p = Path(path)
+    try:
+        sizes, digests = _read_manifest(p)
+        _check_files(p, sizes, digests)
+    except _NotIntact as e:
+        return str(e)
+    return None
+
+
 def is_complete(path: str | os.PathLike[str]) -> bool:
-    """True when `path` is a checkpoint folder whose save finished (it holds COMPLETE)."""
-    return (Path(path) / COMPLETE).is_file()
+    """True when `path` is an intact checkpoint folder: its save finished (it holds COMPLETE) and
+    every file matches what COMPLETE records (see `checkpoint_problem`)."""
+    return checkpoint_problem(path) is None
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as (step, path), oldest first; temp and partial folders skipped."""
+def _step_folders(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Every `step-NNNNNN` folder of a run as (step, path), oldest first, intact or not."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         m = _STEP_RE.match(child.name)
-        if m and child.is_dir() and is_complete(child):
+        if m and child.is_dir():
             found.append((int(m.group(1)), child))
     return sorted(found)
 
 
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """Intact checkpoints of a run as (step, path), oldest first; temp folders are ignored and a
+    folder that fails verification is skipped with a WARNING naming it and why."""
+    found = []
+    for step, path in _step_folders(run_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            found.append((step, path))
+        else:
+            log.warning("checkpoint %s skipped: %s", path, problem)
+    return found
+
+
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint of a run (by step), or None when there is none."""
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
+    """The newest intact checkpoint of a run (by step), or None when there is none. Newer folders
+    that fail verification are skipped with one WARNING each; older ones are not read."""
+    skipped: list[tuple[Path, str]] = []
+    latest = None
+    for _, path in reversed(_step_folders(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            latest = path
+            break
+        skipped.append((path, problem))
+    fallback = f"the newest intact one is {latest.name}" if latest is not None else "none is intact"
+    for path, problem in skipped:
+        log.warning("checkpoint %s skipped: %s; %s", path, problem, fallback)
+    return latest
 
 
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The `state` dict of a complete checkpoint, from its state.json (no tensors loaded)."""
+    """The `state` dict of an intact checkpoint, from its state.json (no tensors loaded)."""
     p = _check_complete(Path(path))
     return json.loads((p / STATE_JSON).read_text(encoding="utf-8"))
 
 
 def checkpoint_ref(path: str | os.PathLike[str]) -> CheckpointRef:
-    """A `CheckpointRef` for a complete checkpoint; step/round from its state (folder name as fallback)."""
+    """A `CheckpointRef` for an intact checkpoint; step/round from its state (folder name as fallback)."""
     p = Path(path).absolute()
     state = read_state(p)
     m = _STEP_RE.match(p.name)
@@ -260,22 +377,17 @@ def checkpoint_ref(path: str | os.PathLike[str]) -> CheckpointRef:
 
 
 def _check_complete(path: Path) -> Path:
+    """`path`, or a one-line CheckpointError when it is no folder or fails verification."""
     if not path.is_dir():
         raise CheckpointError(
             f"checkpoint {path}: folder not found; pass a folder written by save_checkpoint "
             "(e.g. <run_dir>/checkpoints/step-000010)"
         )
-    if not is_complete(path):
+    problem = checkpoint_problem(path)
+    if problem is not None:
         raise CheckpointError(
-            f"checkpoint {path}: incomplete (no {COMPLETE} marker, the save was interrupted); "
-            "resume from latest_checkpoint(<run_dir>) or delete this folder"
-        )
-    manifest = json.loads((path / COMPLETE).read_text(encoding="utf-8")).get("files", {})
-    missing = sorted(name for name in manifest if not (path / name).is_file())
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {path}: files {missing} listed in {COMPLETE} are missing; "
-            "resume from an older checkpoint or delete this folder"
+            f"checkpoint {path}: {problem}; resume from latest_checkpoint(<run_dir>), which skips "
+            "this folder, or delete it"
         )
     return path
 
@@ -336,7 +448,8 @@ def prune_checkpoints(
 ) -> list[Path]:
     """Delete all but the `keep` newest complete checkpoints (None keeps all), sparing `protect`
     (e.g. elite checkpoints the registry points at) and always the newest complete one. Leftover
-    temp folders of other processes' interrupted saves are removed too. Returns what was deleted."""
+    temp folders of other processes' interrupted saves are removed too; folders that fail
+    verification are neither counted nor deleted. Returns what was deleted."""
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     removed: list[Path] = []

@@ -1,12 +1,16 @@
 """Checkpoints: an exact round trip (adapter, optimizer, scheduler, RNG, counters), peft loading,
-atomic saves that survive a crash mid-write, retries of the same step, and pruning."""
+atomic saves that survive a crash mid-write, retries of the same step, pruning, and verification
+against COMPLETE (damaged newest checkpoints are skipped, loading one is a one-line error)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +341,96 @@ def test_prune_keeps_newest_and_protected(tmp_path: Path, tokenizer) -> None:
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [5]
     with pytest.raises(ValueError):
         prune_checkpoints(tmp_path, keep=0)
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def _two_checkpoints(tmp_path: Path, tokenizer) -> tuple[Path, Path]:
+    """Checkpoints at steps 2 and 4 of one run (different adapters)."""
+    model, opt, sched = make_policy(lora_seed=1)
+    paths = []
+    for step in (2, 4):
+        train_steps(model, opt, sched, 1, seed=step)
+        paths.append(save_checkpoint(checkpoint_path(tmp_path, step), model=model, tokenizer=tokenizer,
+                                     optimizer=opt, scheduler=sched, state={"step": step, "round": 0}))
+    return paths[0], paths[1]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _zero(path: Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))  # same size: only the sha256 tells
+
+
+SPOILS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated_adapter": (lambda ck: _truncate(ck / "adapter_model.safetensors"),
+                          r"adapter_model\.safetensors is \d+ bytes, COMPLETE recorded \d+"),
+    "zeroed_trainer_state": (lambda ck: _zero(ck / "trainer_state.pt"),
+                             r"trainer_state\.pt does not match its sha256 in COMPLETE"),
+    "truncated_complete": (lambda ck: _truncate(ck / "COMPLETE"), r"COMPLETE is unreadable \(.+\)"),
+    "garbled_complete": (lambda ck: (ck / "COMPLETE").write_bytes(b"\xff\xfe garbage"), r"COMPLETE is unreadable"),
+    "empty_manifest": (lambda ck: (ck / "COMPLETE").write_text('{"files": {}}'), r"COMPLETE is malformed"),
+    "missing_complete": (lambda ck: (ck / "COMPLETE").unlink(), r"incomplete \(no COMPLETE marker"),
+}
+
+
+@pytest.mark.parametrize("spoil", list(SPOILS))
+def test_damaged_newest_checkpoint_is_skipped(
+    tmp_path: Path, tokenizer, caplog: pytest.LogCaptureFixture, spoil: str
+) -> None:
+    intact, damaged = _two_checkpoints(tmp_path, tokenizer)
+    assert ckpt.checkpoint_problem(damaged) is None and ckpt.is_complete(damaged)
+    damage, reason = SPOILS[spoil]
+    damage(damaged)
+
+    with caplog.at_level(logging.WARNING, logger="grpo.checkpoint"):
+        assert latest_checkpoint(tmp_path) == intact
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"checkpoint {damaged} skipped: ")
+    assert re.search(reason, warnings[0]) and warnings[0].endswith("the newest intact one is step-000002")
+    assert not ckpt.is_complete(damaged) and ckpt.is_complete(intact)
+    assert ckpt.list_checkpoints(tmp_path) == [(2, intact)]
+    assert checkpoint_ref(latest_checkpoint(tmp_path)).step == 2
+
+    model, opt, sched = make_policy(lora_seed=3)
+    with pytest.raises(CheckpointError, match=reason) as err:
+        load_checkpoint(damaged, model=model, optimizer=opt, scheduler=sched)
+    assert isinstance(err.value, UserError)
+    assert str(err.value).startswith(f"checkpoint {damaged}: ") and "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match=reason):
+        checkpoint_ref(damaged)
+    assert load_checkpoint(intact, model=model, optimizer=opt, scheduler=sched) == {"step": 2, "round": 0}
+
+
+def test_every_checkpoint_damaged_means_none(tmp_path: Path, tokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    for path in _two_checkpoints(tmp_path, tokenizer):
+        _truncate(path / "adapter_model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="grpo.checkpoint"):
+        assert latest_checkpoint(tmp_path) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all(w.endswith("none is intact") for w in warnings)
+    # a damaged folder is neither counted nor deleted by pruning
+    assert prune_checkpoints(tmp_path, keep=1) == [] and len(list((tmp_path / "checkpoints").iterdir())) == 2
+
+
+def test_complete_records_sizes_and_hashes_and_old_format_still_verifies(tmp_path: Path, tokenizer) -> None:
+    intact, newest = _two_checkpoints(tmp_path, tokenizer)
+    marker = newest / "COMPLETE"
+    manifest = json.loads(marker.read_text())
+    assert set(manifest) == {"files", "sha256"}
+    assert set(manifest["sha256"]) == set(manifest["files"]) >= {"adapter_model.safetensors", "trainer_state.pt"}
+    assert manifest["files"]["trainer_state.pt"] == (newest / "trainer_state.pt").stat().st_size
+
+    marker.write_text(json.dumps({"files": manifest["files"]}, indent=2, sort_keys=True) + "\n")  # sizes only
+    assert ckpt.checkpoint_problem(newest) is None
+    assert latest_checkpoint(tmp_path) == newest
+    model, opt, sched = make_policy(lora_seed=3)
+    assert load_checkpoint(newest, model=model, optimizer=opt, scheduler=sched) == {"step": 4, "round": 0}
+
+    _truncate(newest / "adapter_model.safetensors")  # sizes are still checked
+    assert latest_checkpoint(tmp_path) == intact

@@ -14,7 +14,6 @@ from grpo.checkpoint import (
     CheckpointRef,
     checkpoint_path,
     checkpoint_ref,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -46,10 +45,11 @@ def train_round(
 
     folder = run_dir(cfg, run_id)
     target = (round_index + 1) * cfg.pipeline.steps_per_round
-    done = dict(list_checkpoints(folder))
+    intact = list_checkpoints(folder)  # each folder verified once; a damaged one is skipped with a warning
+    done = dict(intact)
     if target in done:
         return checkpoint_ref(done[target])
-    latest = latest_checkpoint(folder)
+    latest = intact[-1][1] if intact else None
     if latest is not None and checkpoint_ref(latest).step >= target:
         return checkpoint_ref(latest)
 
