@@ -197,9 +197,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     uri = tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri)
     resume = None
-    if args.resume is not None:
+    def mark_stale() -> None:
+        for stale in runs.mark_stale_runs(cfg, uri):
+            print(f"note: MLflow run {stale} was left RUNNING by a process that is gone; marked KILLED")
+
+    if args.resume is not None:  # the run to resume decides the config: find it first
         tracking.check_tracking(uri)
-        runs.mark_stale_runs(cfg, uri)
+        mark_stale()
         resume = runs.last_interrupted(cfg, uri) if args.resume == "last" else args.resume
         if resume is None:
             raise ConfigError(f"--resume last: experiment {cfg.pipeline.experiment!r} has no failed or killed run")
@@ -207,8 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cfg = runs.run_config(uri, resume) or cfg
     data.preflight(cfg)  # one line on any bad input, before Prefect starts
     check_prefect_api()
-    for stale in runs.mark_stale_runs(cfg, uri):
-        print(f"note: MLflow run {stale} was left RUNNING by a process that is gone; marked KILLED")
+    mark_stale()
     if resume is not None:
         runs.check_resumable(cfg, uri, resume)
     elif (interrupted := runs.interrupted_previous_run(cfg, uri)) is not None:
