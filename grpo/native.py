@@ -8,11 +8,23 @@ of x per projection). The C kernels do each in one pass, with OpenMP threads.
 
 The source is compiled with the system C compiler (`$CC`, else `cc` or `gcc`; `-O3 -march=native
 -fopenmp`) into `$GRPO_NATIVE_CACHE` (default `~/.cache/grpo-pipeline/native`), keyed by the
-source, the compiler and the CPU, once per machine (well under a second), then loaded with
+source, the compiler and the CPU (the machine and its cpuinfo: model and flags on x86;
+implementer, part and features on ARM), once per machine (well under a second), then loaded with
 ctypes. It links the OpenMP runtime by its soname, so it shares the one torch has loaded. Where
 anything of this is missing (no compiler, not Linux, a failed build or self-check) `kernels()`
 returns None, says why once in the log, and callers keep their torch path. `GRPO_NATIVE=0`
 turns the kernels off.
+
+The cache only ever runs the user's own build:
+- The folder is created 0700; one that is a symlink, not this user's, or writable by group or
+  others is refused (the kernels stay off, as without a compiler). It is checked as opened, and
+  the library and its record are then read, written and renamed through that descriptor.
+- A build is written under a fresh name (0700) and renamed into place; then its sha256 goes into
+  the sidecar `<library>.sha256` (0600; `sha256sum`'s format), written and renamed likewise.
+- A library is loaded only after its bytes, read through one descriptor, match its sidecar; the
+  loader then opens that descriptor (`/proc/self/fd/N`), the very file hashed. A library without
+  a record or with another hash is not loaded but rebuilt; a rebuild that fails the check too
+  turns the kernels off.
 
 Kernels (float32 CPU tensors; see the C source for each):
 - `decode_attention`: a decode step's rotary embedding, cache write and attention.
@@ -34,14 +46,19 @@ repacked by every call). It returns None where torch has no MKL.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
+import hmac
 import logging
 import math
 import os
 import platform
+import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -479,19 +496,179 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grpo-pipeline" / "native"
 
 
-def _cpu_signature() -> str:
-    """The CPU's model and feature flags: -march=native code is only reused on the same kind."""
+CPUINFO = Path("/proc/cpuinfo")
+# The /proc/cpuinfo keys that tell what -march=native compiles for: x86's model and flags, ARM's
+# implementer, architecture, variant, part and features (aarch64 has no "model name" or "flags").
+CPU_KEYS = frozenset(
+    {"model name", "flags", "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features"}
+)
+CLOCK_KEYS = frozenset({"cpu MHz", "BogoMIPS", "bogomips", "clock"})  # change from run to run
+HASH_SUFFIX = ".sha256"  # the sidecar of a built library: its sha256, as `sha256sum` writes it
+_PINNED_FDS: list[int] = []  # descriptors the loaded libraries were loaded through (see `_load`)
+
+
+def _cpu_signature(cpuinfo: Path = CPUINFO) -> str:
+    """The machine and the CPU's kind: -march=native code is only reused on the same kind. The
+    cpuinfo lines of CPU_KEYS (x86: model and flags; ARM: implementer, part, features...); on a
+    CPU with none of those, every line but the clock speeds."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    wanted = [ln for ln in lines if ln.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(wanted)))
+        lines = cpuinfo.read_text().splitlines()
+    except OSError as exc:
+        log.debug("native kernels: %s unreadable (%s); keying the build by platform.processor()", cpuinfo, exc)
+        return f"{platform.machine()}\n{platform.processor()}"
+    keyed = [(line.partition(":")[0].strip(), line.strip()) for line in lines if ":" in line]
+    wanted = [line for key, line in keyed if key in CPU_KEYS] or [
+        line for key, line in keyed if key not in CLOCK_KEYS
+    ]
+    return "\n".join([platform.machine(), *sorted(set(wanted))])
 
 
-def build(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
-    """Compile the kernels (once: an existing build for this source, compiler and CPU is reused)
-    and return the shared library's path. Raises RuntimeError, naming the command, on failure."""
+def _unsafe(st: os.stat_result) -> str | None:
+    """Why a file or folder with this status could hold another user's code, else None."""
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group/others (mode {stat.S_IMODE(st.st_mode):#o})"
+    return None
+
+
+def _open_private_dir(path: Path) -> int:
+    """A descriptor of the cache folder `path`, created (mode 0700) where missing. RuntimeError,
+    saying why, where it is a symlink or not a folder, is another user's, or is writable by group
+    or others: whatever it holds could be someone else's code. The check is of the opened folder
+    (fstat); the library and its record are then read, written and renamed through the descriptor."""
+    if not os.path.lexists(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another process: checked below
+            os.mkdir(path, 0o700)
+
+    def refuse(problem: str) -> RuntimeError:
+        return RuntimeError(
+            f"the native cache {path} {problem}; refusing to load code from it (make it yours and 0700, or set "
+            "GRPO_NATIVE_CACHE)"
+        )
+
+    if path.is_symlink():
+        raise refuse("is a symlink")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # replaced by a symlink or a file since
+            raise refuse("is a symlink or not a folder") from exc
+        raise
+    problem = _unsafe(os.fstat(fd))
+    if problem is not None:
+        os.close(fd)
+        raise refuse(problem)
+    return fd
+
+
+class _Unverified(RuntimeError):
+    """A cached library that is not to be loaded: why, and whether that looks like tampering."""
+
+    def __init__(self, why: str, *, suspicious: bool) -> None:
+        super().__init__(why)
+        self.suspicious = suspicious
+
+
+def _open_own_file(dir_fd: int, name: str) -> int:
+    """A read descriptor of `name` in the folder `dir_fd`, not following a symlink, checked to be a
+    regular file of this user that group/others cannot write. FileNotFoundError where there is
+    none, _Unverified where it fails a check."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _Unverified(f"{name} is a symlink", suspicious=True) from exc
+        raise
+    st = os.fstat(fd)
+    problem = "is not a regular file" if not stat.S_ISREG(st.st_mode) else _unsafe(st)
+    if problem is not None:
+        os.close(fd)
+        raise _Unverified(f"{name} {problem}", suspicious=True)
+    return fd
+
+
+def _open_verified(dir_fd: int, name: str) -> int:
+    """A descriptor of the library `name` in the folder `dir_fd` whose bytes, read through that
+    descriptor, have the sha256 recorded in `name`.sha256: the descriptor to load it through.
+    FileNotFoundError where there is no library; _Unverified where it has no record or another
+    hash."""
+    fd = _open_own_file(dir_fd, name)
+    verified = False
+    try:
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        try:
+            record_fd = _open_own_file(dir_fd, name + HASH_SUFFIX)
+        except FileNotFoundError as exc:
+            raise _Unverified(f"{name} has no recorded sha256", suspicious=False) from exc
+        with os.fdopen(record_fd, "rb") as f:
+            record = f.read(4096).split()
+        if not record or not hmac.compare_digest(record[0], digest.hexdigest().encode()):
+            raise _Unverified(f"{name} does not match its recorded sha256", suspicious=True)
+        verified = True
+        return fd
+    finally:
+        if not verified:
+            os.close(fd)
+
+
+def _install(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    """`data` as `name` in the folder `dir_fd`, with exactly `mode`: written into a fresh name
+    (never an existing file), flushed to disk, then renamed over `name` in one step."""
+    tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
+    installed = False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # whatever the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        installed = True
+    finally:
+        if not installed:
+            with contextlib.suppress(FileNotFoundError):  # not created or already gone: nothing to clean
+                os.unlink(tmp, dir_fd=dir_fd)
+
+
+def _record(dir_fd: int, name: str, sha256: str) -> None:
+    """The sidecar `name`.sha256 (0600) of the library `name`, in `sha256sum`'s format."""
+    _install(dir_fd, name + HASH_SUFFIX, f"{sha256}  {name}\n".encode(), 0o600)
+
+
+def _compile(cc: str, out_dir: Path, dir_fd: int, name: str) -> None:
+    """Compile the kernels in a private (0700) temporary folder inside the cache folder `out_dir`
+    (open as `dir_fd`), then install the output's bytes as `name` (0700) and, once it is in
+    place, their sha256 as its sidecar. RuntimeError, naming the command, on failure."""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
+        tmp_so = Path(tmp) / name
+        cmd = [cc, *FLAGS, str(SOURCE), "-o", str(tmp_so), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
+        # read back through the checked folder's descriptor: the folder `tmp` names inside it
+        # (its mode is the umask's; the 0700 folder keeps it private)
+        tmp_fd = os.open(Path(tmp).name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+        try:
+            out_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=tmp_fd)
+        finally:
+            os.close(tmp_fd)
+        with os.fdopen(out_fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise RuntimeError(f"`{' '.join(cmd)}` did not write a regular file")
+            data = f.read()
+    _install(dir_fd, name, data, 0o700)
+    _record(dir_fd, name, hashlib.sha256(data).hexdigest())
+
+
+def _verified_build(compiler: str | None, cache_dir: Path | None) -> tuple[Path, int]:
+    """`build`: (the library's path, a descriptor of it through which its bytes were just checked
+    against its recorded sha256). A cached library without a matching record is rebuilt; one
+    that still does not match after that is a RuntimeError."""
     names = [compiler] if compiler else [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc"]
     cc = next((found for found in map(shutil.which, names) if found), None)
     if cc is None:
@@ -502,17 +679,50 @@ def build(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
     ).hexdigest()[:16]
     out_dir = cache_dir or _cache_dir()
     target = out_dir / f"grpo_native_{key}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:  # built aside, then renamed: atomic
-        tmp_so = Path(tmp) / target.name
-        cmd = [cc, *FLAGS, str(SOURCE), "-o", str(tmp_so), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp_so, target)
-    return target
+    dir_fd = _open_private_dir(out_dir)
+    try:
+        try:
+            return target, _open_verified(dir_fd, target.name)
+        except FileNotFoundError:
+            log.debug("native kernels: no build at %s yet; compiling", target)
+        except _Unverified as exc:
+            (log.warning if exc.suspicious else log.info)("native kernels: %s (in %s); rebuilding it", exc, out_dir)
+        _compile(cc, out_dir, dir_fd, target.name)
+        try:
+            return target, _open_verified(dir_fd, target.name)
+        except (FileNotFoundError, _Unverified) as exc:
+            raise RuntimeError(f"the rebuilt {target} failed its check ({exc}); not loading it") from exc
+    finally:
+        os.close(dir_fd)
+
+
+def build(compiler: str | None = None, cache_dir: Path | None = None) -> Path:
+    """Compile the kernels (once: an existing build for this source, compiler and CPU is reused
+    where its bytes match its recorded sha256, else rebuilt) into the private cache folder and
+    return the shared library's path. Raises RuntimeError, naming the command or the reason
+    (no compiler, an unsafe cache folder, a build that fails its hash check), on failure."""
+    path, fd = _verified_build(compiler, cache_dir)
+    os.close(fd)
+    return path
+
+
+def _load(path: Path, fd: int) -> ctypes.CDLL:
+    """ctypes.CDLL of the library `path` just checked through the descriptor `fd`. The loader
+    opens it as /proc/self/fd/N: the very file whose bytes were hashed, whatever has happened to
+    `path` since. The descriptor stays open for the process's life, so that name never means
+    another file (the loader reuses a loaded library by its name). Without /proc, `path`, inside
+    the checked private folder."""
+    proc = f"/proc/self/fd/{fd}"
+    if not os.path.exists(proc):
+        os.close(fd)
+        return ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(proc)
+    except OSError:
+        os.close(fd)
+        raise
+    _PINNED_FDS.append(fd)
+    return lib
 
 
 def _self_check(kernels: NativeKernels) -> None:
@@ -650,7 +860,7 @@ def kernels() -> NativeKernels | None:
         log.info("native kernels: off (built on Linux only)")
         return None
     try:
-        loaded = NativeKernels(ctypes.CDLL(str(build())))
+        loaded = NativeKernels(_load(*_verified_build(None, None)))
         _self_check(loaded)
     except (OSError, RuntimeError, AttributeError) as exc:
         log.warning("native kernels unavailable, using torch operators instead: %s", exc)

@@ -7,8 +7,14 @@ first use (cached); where there is none, the kernel tests skip and the fallback 
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import logging
 import math
+import os
 import shutil
+import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +24,13 @@ import torch.nn.functional as F
 from test_fastpath import random_lora_policy  # tests/ is on sys.path under pytest
 
 import grpo.fastpath as fastpath
+import grpo.native as native_module
 from grpo.config import GenerationConfig
 from grpo.models import build_tiny_model
 from grpo.native import NativeKernels, build, kernels, reference_decode_attention
 
-HAVE_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+CC = shutil.which("cc") or shutil.which("gcc")
+HAVE_CC = CC is not None
 
 
 @pytest.fixture
@@ -245,9 +253,151 @@ def test_build_is_cached_and_failures_are_one_line(tmp_path: Path) -> None:
         pytest.skip("no C compiler on this machine")
     first = build(cache_dir=tmp_path)
     assert first.exists() and build(cache_dir=tmp_path) == first  # reused, not rebuilt
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no leftovers of the build
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".sha256"]  # no leftovers
     with pytest.raises(RuntimeError, match="no C compiler found"):
         build(compiler="no-such-compiler-here", cache_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kernels built once into a cache folder of their own (never the user's cache)."""
+    if not HAVE_CC:
+        pytest.skip("no C compiler on this machine")
+    return build(cache_dir=tmp_path_factory.mktemp("native") / "cache")
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """GRPO_NATIVE_CACHE at a folder under tmp_path (not made yet) and `kernels()` recomputed
+    for it; dropped again after the test, so later tests load from their own cache."""
+    if not HAVE_CC:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("GRPO_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("GRPO_NATIVE", raising=False)
+    kernels.cache_clear()
+    yield tmp_path / "cache"
+    kernels.cache_clear()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def native_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "grpo.native" and r.levelno >= logging.WARNING]
+
+
+def test_build_records_its_sha256_in_a_private_folder(built: Path) -> None:
+    """The cache folder is made 0700, the library 0700 and its sidecar (0600) holds its sha256."""
+    record = built.with_name(built.name + ".sha256")
+    assert record.read_text() == f"{sha256(built)}  {built.name}\n"  # sha256sum's format
+    assert stat.S_IMODE(built.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(built.stat().st_mode) == 0o700 and stat.S_IMODE(record.stat().st_mode) == 0o600
+    assert sorted(p.name for p in built.parent.iterdir()) == [built.name, record.name]
+
+
+@pytest.mark.parametrize("record", ["stale", "none"])
+def test_planted_library_is_not_loaded(
+    built: Path, private_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture, record: str,
+) -> None:  # fmt: skip
+    """A library at the very path the kernels load from, whose constructor would write a marker
+    file, with the genuine build's sha256 record (stale) or none: it is never loaded (the marker
+    stays unwritten); the kernels are rebuilt, checked and loaded instead. Loaded elsewhere, the
+    planted library does write the marker (the test's control)."""
+    marker, planted = tmp_path / "planted-ran", tmp_path / "planted.so"
+    source = tmp_path / "planted.c"
+    source.write_text(
+        "#include <stdio.h>\n"
+        f'__attribute__((constructor)) static void planted(void) {{ FILE *f = fopen("{marker}", "w"); '
+        "if (f) fclose(f); }\n"
+    )
+    subprocess.run([CC, "-shared", "-fPIC", str(source), "-o", str(planted)], check=True, capture_output=True)
+    private_cache.mkdir(mode=0o700)
+    target = private_cache / built.name  # where kernels() looks: the build's name is the same for any folder
+    shutil.copy(planted, target)
+    if record == "stale":
+        shutil.copy(built.with_name(built.name + ".sha256"), private_cache)
+    hashed_loads: list[str] = []
+    real_cdll = ctypes.CDLL
+
+    def cdll(name: str, *args: object, **kwargs: object) -> ctypes.CDLL:
+        hashed_loads.append(sha256(Path(name)))
+        return real_cdll(name, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    caplog.set_level(logging.INFO, logger="grpo.native")
+    assert kernels() is not None  # rebuilt, and past its self-check
+    assert not marker.exists()
+    assert hashed_loads == [sha256(target)] != [sha256(planted)]  # loaded: the rebuild, which its record names
+    assert target.with_name(target.name + ".sha256").read_text().split()[0] == sha256(target)
+    why = "does not match its recorded sha256" if record == "stale" else "has no recorded sha256"
+    assert [r.getMessage() for r in caplog.records if why in r.getMessage() and "rebuilding" in r.getMessage()]
+    real_cdll(str(planted))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("unsafe", ["mode-0777", "other-owner", "symlink"])
+def test_unsafe_cache_folder_is_refused(private_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                        unsafe: str) -> None:  # fmt: skip
+    """A cache folder that others can write, that is another user's, or that is a symlink is not
+    used (nothing is built or loaded there): one log line says why and the torch operators run."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    if unsafe == "mode-0777":
+        private_cache.mkdir()
+        private_cache.chmod(0o777)
+        why = "writable by group/others (mode 0o777)"
+    elif unsafe == "other-owner":
+        if os.geteuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        private_cache.mkdir(mode=0o700)
+        os.chown(private_cache, 65534, 65534)  # nobody
+        why = "owned by uid 65534"
+    else:
+        private_cache.symlink_to(elsewhere, target_is_directory=True)
+        why = "is a symlink"
+    caplog.set_level(logging.INFO, logger="grpo.native")
+    assert kernels() is None
+    (line,) = native_warnings(caplog)
+    assert "using torch operators instead" in line and str(private_cache) in line and why in line
+    assert list(elsewhere.iterdir()) == [] and list(private_cache.iterdir()) == []
+    with pytest.raises(RuntimeError, match="refusing to load code from it"):
+        build()
+    g = torch.Generator().manual_seed(5)
+    x, cos, sin = torch.randn(2, 3, 5, 8, generator=g), torch.rand(2, 1, 5, 8, generator=g), torch.rand(2, 1, 5, 8)
+    want = x * cos + torch.cat([x[..., 4:] * sin[..., :4], x[..., :4] * sin[..., 4:]], dim=-1)
+    torch.testing.assert_close(fastpath._rotary(x, cos, sin), want)  # the torch path, kernels() being None
+
+
+def test_rebuild_failing_its_check_turns_kernels_off(
+    private_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A build whose bytes do not match the sha256 recorded for it is not loaded: one log line."""
+    record = native_module._record
+    monkeypatch.setattr(native_module, "_record", lambda dir_fd, name, _sha: record(dir_fd, name, "0" * 64))
+    caplog.set_level(logging.INFO, logger="grpo.native")
+    assert kernels() is None
+    (line,) = native_warnings(caplog)
+    assert "failed its check" in line and "does not match its recorded sha256" in line
+
+
+def test_cpu_signature_tells_cpus_apart(tmp_path: Path) -> None:
+    """-march=native builds are keyed by the CPU: on aarch64 (no "model name"/"flags") by its
+    implementer, part and features, on x86 by model name and flags; clock speeds are left out."""
+    arm = ("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd aes crc32 atomics\nCPU implementer\t: 0x41\n"
+           "CPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n")  # fmt: skip
+    x86 = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2\ncpu MHz\t\t: 2400.0\n"
+    texts = [arm, arm.replace("0xd0c", "0xd40"), arm.replace("atomics", "atomics sve"), arm.replace("50.00", "48.00"),
+             x86, x86.replace("2400.0", "3100.5"), x86.replace(" avx2", "")]  # fmt: skip
+    signatures = []
+    for i, text in enumerate(texts):
+        (tmp_path / f"cpuinfo{i}").write_text(text)
+        signatures.append(native_module._cpu_signature(tmp_path / f"cpuinfo{i}"))
+    assert len({signatures[0], signatures[1], signatures[2]}) == 3  # another part, other features
+    assert signatures[3] == signatures[0] and signatures[5] == signatures[4]  # the clock is no part of it
+    assert signatures[6] != signatures[4]
+    assert "CPU part\t: 0xd0c" in signatures[0] and "model name\t: Some CPU" in signatures[4]
 
 
 def test_fast_path_same_with_and_without_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
