@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -46,6 +47,8 @@ MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 PARAMS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 HEALTH_TIMEOUT_S = 3.0
+MIGRATION_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+"""The loggers that narrate a new store's schema migration at INFO."""
 STORE_SCHEMES = frozenset({"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks"})
 """URI schemes MLflow keeps runs in (a database URI may name its driver: postgresql+psycopg2)."""
 KEY_TAG = "elite_key"
@@ -179,6 +182,33 @@ def check_tracking(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
             raise TrackingError(
                 f"pipeline.tracking_uri: {db} is not writable; pick a writable path for {uri}"
             )
+        _open_sqlite_store(uri, db)
+
+
+def _open_sqlite_store(uri: str, db: Path) -> None:
+    """Create (and migrate) the sqlite store under a file lock beside it: two first runs on one new
+    store would otherwise both run MLflow's schema migration and one of them would fail. The
+    migration's INFO lines are held back (a bad input found later stays one line)."""
+    import fcntl
+
+    with open(db.parent / f".{db.name}.lock", "a") as lock, _quiet(MIGRATION_LOGGERS):
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with _errors(f"pipeline.tracking_uri: {uri}"):
+            _client(uri).search_experiments(max_results=1)
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """Raise the given loggers to WARNING for the duration."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _is_sqlite(path: Path) -> bool:

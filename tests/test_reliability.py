@@ -418,3 +418,18 @@ def test_a_model_folder_that_cannot_be_written_fails_in_preflight(
                  f"data.cache_dir={tmp_path}/d", f"pipeline.tracking_uri=sqlite:///{tmp_path}/m.db"])
     line = _one_error_line(capsys, code)
     assert line.startswith("error: model.name_or_path: cannot build the tiny model in '/proc/grpo-tiny-model'")
+
+
+def test_two_first_runs_on_a_new_store_do_not_race_on_its_migration(tmp_path: Path) -> None:
+    """Both processes open the same new sqlite store at once; MLflow's schema migration runs once
+    (under the store's lock file) and both create their run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import sys; from grpo import tracking; tracking.check_tracking(sys.argv[1]); " \
+           "print(tracking.start_run(sys.argv[1], 'race', 'r'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    from grpo import tracking
+
+    assert len(tracking.experiment_runs(uri, "race")) == 2
