@@ -10,9 +10,11 @@ step and the likely cause, before a non-finite weight is kept); an adapter holdi
 refused by the registry and by promotion; a tie keeps the champion, a candidate that solves
 nothing is flagged; a bad recipe file (duplicate key, YAML error with its line, binary), numbers
 given as booleans, unusable MLflow names, unusable tracking stores, unknown LoRA targets, a
-Prefect server that never answers, a missing model or version for `grpo promote`; SIGTERM during
-a round (exit 143, MLflow run FAILED, no process left); SIGKILL of the whole process group during
-a round, then `grpo run --resume` (one MLflow run, every step once, no version twice).
+Prefect server that never answers, a missing model or version for `grpo promote`, rows with
+negative numbers or without any solution, a model folder that cannot be written; a full disk (not
+retried, one line); SIGTERM during a round (exit 143, MLflow run FAILED, no process left); SIGKILL
+of the whole process group during a round, then `grpo run --resume` (one MLflow run, every step
+once, no version twice); two first runs on one new MLflow store at once.
 """
 
 from __future__ import annotations
