@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m grpo.launch` on every rank; returns the exit status."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         cfg = load_config(args.config, args.overrides)
         steps = args.steps if args.steps is not None else cfg.total_steps
@@ -201,12 +202,26 @@ def main(argv: list[str] | None = None) -> int:
         )
     except UserError as e:
         print(f"error (rank {dp.rank()}): {e}", file=sys.stderr)
-        return 2
+        code = 2
+    else:
+        code = 0
     finally:
         dp.shutdown()
-    if summary["checkpoint"]:
+    if code == 0 and summary["checkpoint"]:
         print(f"checkpoint: {summary['checkpoint']}")
-    return 0
+    return _leave(code, several)
+
+
+def _leave(code: int, several: bool) -> int:
+    """`code`; a rank of a launched group ends here without the interpreter's teardown, all its
+    work saved and its output flushed: gloo's worker threads can still be joinable during that
+    teardown and abort the process ("terminate called without an active exception", SIGABRT)
+    although the process group was destroyed."""
+    if several:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
