@@ -12,6 +12,7 @@ Every bad value fails here, before any work, with one line that names the field 
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 import types
@@ -24,6 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from grpo.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+DEFAULT_TINY_PATH = "artifacts/tiny-model"
+"""Where the tiny offline model of Countdown is built (other tasks: `<this>-<task>`)."""
+_COUNTDOWN_SHAPE = ("num_count", "number_range", "target_range")
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """Registered model names and aliases: safe in MLflow filter strings and model URIs."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
@@ -31,12 +37,6 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", 
 REFERENCE_SYSTEM = (
     "You are a helpful assistant. You first think about the reasoning process in your mind "
     "and then provide the user with the answer."
-)
-REFERENCE_USER = (
-    "Using each number in this list only once {nums}, create an equation that equals {target}. "
-    "You can use basic arithmetic operations (+, -, *, /) and each number can only be used once. "
-    "Show your work in <think> </think> tags. And return the final equation and answer in "
-    "<answer> </answer> tags, for example <answer>(1 + 2) / 3</answer>."
 )
 REFERENCE_PREFILL = "Let me solve this step by step.\n<think>"
 
@@ -90,8 +90,11 @@ class TinyModelConfig(Section):
 class ModelConfig(Section):
     """The base model: a hub id or a local Hugging Face folder."""
 
-    name_or_path: str = Field(
-        "artifacts/tiny-model", min_length=1, description="Hub id (e.g. Qwen/Qwen2.5-0.5B) or local folder."
+    name_or_path: str | None = Field(
+        None,
+        min_length=1,
+        description="Hub id (e.g. Qwen/Qwen2.5-0.5B) or local folder; None = the tiny model of the task, "
+        "artifacts/tiny-model (countdown) or artifacts/tiny-model-<task>.",
     )
     build_tiny_if_missing: bool = Field(
         True, description="Build the tiny offline model at `name_or_path` when that folder is missing."
@@ -115,31 +118,53 @@ class LoraConfig(Section):
     )
 
 
+class TaskConfig(Section):
+    """The environment: what a row is, its prompt fields, rewards and answer check (`grpo.envs`)."""
+
+    name: str = Field(
+        "countdown",
+        description="countdown | reasoning_gym:<dataset> (e.g. reasoning_gym:chain_sum) | dataset "
+        "(your rows from data.source; see task.params)",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to the environment: countdown {num_count, number_range, target_range}; "
+        "reasoning_gym: arguments of reasoning_gym.create_dataset; dataset {prompt, answer_column, match}.",
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> TaskConfig:
+        from grpo.envs import get_env
+
+        try:
+            get_env(self.name, **self.params)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("task.name: ").removeprefix("task.params: ")) from None
+        return self
+
+
 class Conversation(Section):
     """The prompt: chat messages rendered with the tokenizer's chat template.
 
-    `user` may use `{nums}` (a Python list, as the reference recipe writes it), `{nums_plain}`
-    (space-separated) and `{target}`. The assistant prefill ends with `<think>` and the model
-    continues it (`continue_final_message`), so a completion is the text after `<think>`.
+    `user` is a template whose `{column}` placeholders are filled from the row (None = the
+    environment's default; each environment's module lists the fields it offers). The assistant
+    prefill ends with `<think>` and the model continues it (`continue_final_message`), so a
+    completion is the text after `<think>`.
     """
 
     system: str | None = Field(None, description="System message; None omits it.")
-    user: str = Field("nums: {nums_plain} target: {target}", description="User message template.")
+    user: str | None = Field(None, description="User message template; None = the task's default.")
     assistant_prefill: str = Field("<think>", description="Assistant prefill, ending in <think>.")
 
     @model_validator(mode="after")
     def _check(self) -> Conversation:
-        allowed = {"nums", "nums_plain", "target"}
-        try:
-            names = {f for _, f, _, _ in string.Formatter().parse(self.user) if f is not None}
-        except ValueError as e:
-            raise ValueError(f"user template is not a valid format string ({e})") from None
-        bad = names - allowed
-        if bad:
-            raise ValueError(
-                f"user template uses unknown placeholder(s) {sorted(bad)}; "
-                "use {nums}, {nums_plain} or {target} (double braces for literal ones)"
-            )
+        if self.user is not None:
+            try:
+                list(string.Formatter().parse(self.user))
+            except ValueError as e:
+                raise ValueError(
+                    f"user template is not a valid format string ({e}); double the braces of literal ones"
+                ) from None
         if not self.assistant_prefill.endswith("<think>"):
             raise ValueError(
                 "assistant_prefill must end with '<think>' (completions are scored as "
@@ -148,17 +173,12 @@ class Conversation(Section):
         return self
 
 
-REFERENCE_CONVERSATION = Conversation(
-    system=REFERENCE_SYSTEM, user=REFERENCE_USER, assistant_prefill=REFERENCE_PREFILL
-)
-
-
 class DataConfig(Section):
-    """Where the Countdown rows come from and how they are split."""
+    """Where the task's rows come from and how they are split."""
 
     source: str = Field(
         "generate",
-        description="'generate' (built offline by grpo.countdown.generate), a local "
+        description="'generate' (the task generates rows offline: countdown, reasoning_gym), a local "
         ".parquet/.jsonl/.json/.csv file, or a Hugging Face dataset id.",
     )
     generate_rows: int = Field(6000, ge=10, description="Rows to generate when source=generate.")
@@ -167,23 +187,8 @@ class DataConfig(Section):
     )
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Held-out fraction.")
     seed: int = Field(42, description="Seed of generation, shuffle and split.")
-    num_count: list[int] = Field(
-        default_factory=lambda: [3, 4], description="How many numbers a problem may have."
-    )
-    number_range: tuple[int, int] = Field((1, 99), description="Inclusive range of the numbers.")
-    target_range: tuple[int, int] = Field((1, 99), description="Inclusive range of the targets.")
     conversation: Conversation = Field(default_factory=Conversation)
     cache_dir: str = Field("artifacts/data", description="Prepared splits, cached by their inputs.")
-
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        for name in ("number_range", "target_range"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"{name} {[lo, hi]} must be [low, high] with 0 <= low <= high")
-        if not self.num_count or any(not 2 <= k <= 6 for k in self.num_count):
-            raise ValueError(f"num_count {self.num_count} must list sizes between 2 and 6")
-        return self
 
 
 class VLLMConfig(Section):
@@ -241,8 +246,10 @@ class TrainConfig(Section):
     )
     num_iterations: int = Field(1, ge=1, description="Update epochs per rollout batch.")
     mask_truncated: bool = Field(False, description="Drop completions that hit max_new_tokens.")
-    rewards: list[str] = Field(
-        default_factory=lambda: ["format", "equation"], description="Reward functions by name."
+    rewards: list[str] | None = Field(
+        None,
+        description="Rewards: the task's (correct; countdown: equation), registered ones (format) or "
+        "import paths package.module:function. None = the task's default (format + its answer check).",
     )
     reward_weights: list[float] | None = Field(None, description="One weight per reward; None = 1s.")
     seed: int = Field(0, description="Seed of sampling and data order.")
@@ -264,13 +271,14 @@ class TrainConfig(Section):
                 f"micro_batch_size {self.micro_batch_size} must divide prompts_per_step * "
                 f"group_size = {n}; pick a divisor of {n}"
             )
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+        if self.rewards is not None and not self.rewards:
+            raise ValueError("rewards is empty; name at least one reward, e.g. ['format', 'correct'], or null")
+        weights, names = self.reward_weights, self.rewards
+        if weights is not None and names is not None and len(weights) != len(names):
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} values but rewards has "
                 f"{len(self.rewards)}; give one weight per reward"
             )
-        if not self.rewards:
-            raise ValueError("rewards is empty; name at least one reward, e.g. ['format', 'equation']")
         return self
 
 
@@ -304,8 +312,10 @@ class PipelineConfig(Section):
     rounds: int = Field(4, ge=1, description="GRPO rounds; each is followed by an evaluation.")
     steps_per_round: int = Field(300, ge=1, description="GRPO steps per round (= evaluation period).")
     output_dir: str = Field("runs", description="Checkpoints go to <output_dir>/<MLflow run id>/.")
-    experiment: str = Field("grpo-countdown", min_length=1, description="MLflow experiment.")
-    registered_model: str = Field("countdown-lora", description="MLflow registered model name.")
+    experiment: str | None = Field(None, min_length=1, description="MLflow experiment; None = grpo-<task>.")
+    registered_model: str | None = Field(
+        None, description="MLflow registered model name; None = <task>-lora (countdown-lora)."
+    )
     champion_alias: str = Field("champion", description="Alias moved by the promote flow.")
     tracking_uri: str | None = Field(
         None, description="MLflow URI; None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db here."
@@ -313,8 +323,8 @@ class PipelineConfig(Section):
 
     @field_validator("registered_model", "champion_alias")
     @classmethod
-    def _registry_name(cls, v: str) -> str:
-        if not REGISTRY_NAME.fullmatch(v):
+    def _registry_name(cls, v: str | None) -> str | None:
+        if v is not None and not REGISTRY_NAME.fullmatch(v):
             raise ValueError(f"{v!r} is not a usable MLflow name; use letters, digits, '.', '-' and '_'")
         return v
 
@@ -323,6 +333,7 @@ class RunConfig(Section):
     """Everything one run needs. Defaults = the embedded default (tiny model, CPU, offline)."""
 
     name: str = Field("tiny-cpu", description="Run name: MLflow run name and checkpoint folder.")
+    task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -331,6 +342,50 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _countdown_shape_moved(cls, data: Any) -> Any:
+        """`data.num_count`, `data.number_range` and `data.target_range` (older recipes) move to
+        `task.params`, where Countdown's parameters now live."""
+        if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
+            return data
+        moved = {k: data["data"][k] for k in _COUNTDOWN_SHAPE if k in data["data"]}
+        if not moved:
+            return data
+        task = dict(data.get("task") or {})
+        if task.get("name", "countdown") != "countdown":
+            raise ValueError(f"data.{next(iter(moved))} is a Countdown parameter; remove it for task {task['name']!r}")
+        log.warning("data.%s moved to task.params; please update the recipe", ", data.".join(moved))
+        task["params"] = {**moved, **(task.get("params") or {})}
+        return {**data, "data": {k: v for k, v in data["data"].items() if k not in moved}, "task": task}
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> RunConfig:
+        """Fill what depends on the task when left None: the tiny model's folder, the MLflow
+        experiment and registered model; check the user template against the task's fields."""
+        from grpo.envs import env_for
+
+        env = env_for(self)
+        if self.model.name_or_path is None:
+            suffix = "" if env.slug == "countdown" else f"-{env.slug}"
+            self.model.name_or_path = f"{DEFAULT_TINY_PATH}{suffix}"
+        if self.pipeline.experiment is None:
+            self.pipeline.experiment = f"grpo-{env.slug}"
+        if self.pipeline.registered_model is None:
+            self.pipeline.registered_model = f"{env.slug}-lora"
+        weights, rewards = self.train.reward_weights, self.train.rewards or list(env.default_rewards)
+        if weights is not None and len(weights) != len(rewards):
+            raise ValueError(
+                f"train.reward_weights has {len(weights)} values but the rewards are {rewards}; give one "
+                "weight per reward"
+            )
+        if self.data.conversation.user is not None and env.known_columns is not None:
+            try:
+                env.check_template(self.data.conversation.user, env.known_columns)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return self
 
     @property
     def total_steps(self) -> int:

@@ -46,6 +46,10 @@ class TrackingError(UserError):
     """The MLflow tracking server does not answer, or the registry refuses a request."""
 
 
+class RewardError(UserError):
+    """A reward function returned something other than one number (or None) per completion."""
+
+
 class TrainingDiverged(UserError):
     """A loss, gradient, reward or weight became non-finite: the update is not applied and nothing
     non-finite is saved or registered. The message names the step and the likely cause."""

@@ -1,13 +1,17 @@
-"""Held-out evaluation: greedy accuracy, format rate and mean reward, plus sampled accuracy/pass@k.
+"""Held-out evaluation: greedy accuracy, format rate and the configured rewards, plus sampled
+accuracy/pass@k, for any environment.
 
     result = evaluate(model, tokenizer, test_rows, cfg)
-    print(result.accuracy, result.accuracy_se, result.samples[:3])
+    print(result.accuracy, result.accuracy_se, result.rewards, result.samples[:3])
 
-Accuracy is the mean equation reward of the greedy completion; its standard error is the binomial
-sqrt(p (1 - p) / n). With `eval.sampled_problems > 0` each of those problems also gets
-`max(eval.pass_k, 1)` samples at the training temperature: sampled accuracy is the mean over all
-samples, pass@k the share of problems with at least one correct sample (the unbiased estimator of
-Chen et al. with n = k). `mcnemar` compares two evaluations of the same problems, paired.
+Accuracy is the environment's answer check (`Env.correct`) on the greedy completion; its standard
+error is the binomial sqrt(p (1 - p) / n). `mean_reward` is the mean weighted sum of the rewards
+`train.rewards` names (each one's mean in `rewards`), as training scores them.
+
+With `eval.sampled_problems > 0` each of those problems also gets `max(eval.pass_k, 1)` samples
+at the training temperature: sampled accuracy is the mean over all samples, pass@k the share of
+problems with at least one correct sample (the unbiased estimator of Chen et al. with n = k).
+`mcnemar` compares two evaluations of the same problems, paired.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from grpo.config import RunConfig
-from grpo.countdown import build_prompt
-from grpo.rewards import equation_reward, format_reward
-from grpo.rollout import make_generator
+from grpo.envs import Env, env_for
+from grpo.rewards import RewardFn, format_reward, get_rewards, score
+from grpo.rollout import Rollout, make_generator
 
 
 class EvalResult(BaseModel):
@@ -35,6 +39,7 @@ class EvalResult(BaseModel):
     accuracy_se: float
     format_rate: float
     mean_reward: float
+    rewards: dict[str, float] = Field(default_factory=dict, description="Mean of each configured reward.")
     sampled_accuracy: float | None = None
     sampled_accuracy_se: float | None = None
     pass_at_k: float | None = None
@@ -47,7 +52,8 @@ class EvalResult(BaseModel):
         """Flat metrics for MLflow (None values left out)."""
         keys = ["accuracy", "accuracy_se", "format_rate", "mean_reward",
                 "sampled_accuracy", "sampled_accuracy_se", "pass_at_k"]
-        return {prefix + k: float(getattr(self, k)) for k in keys if getattr(self, k) is not None}
+        out = {prefix + k: float(getattr(self, k)) for k in keys if getattr(self, k) is not None}
+        return {**out, **{f"{prefix}reward/{name}": v for name, v in self.rewards.items()}}
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -64,6 +70,15 @@ def mcnemar(before: list[int], after: list[int]) -> dict[str, float]:
     return {"gained": gained, "lost": lost, "z": z}
 
 
+def _columns(rows: Any) -> dict[str, list[Any]]:
+    return {c: list(rows[c]) for c in rows.column_names}
+
+
+def _completion_ids(out: Rollout) -> list[list[int]]:
+    """Each completion's token ids (what rewards get as `completion_ids`, as in training)."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(out.completion_ids, out.completion_mask)]
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -71,44 +86,50 @@ def evaluate(
     cfg: RunConfig,
     *,
     generator: Any = None,
+    env: Env | None = None,
+    reward_fns: list[tuple[str, RewardFn]] | None = None,
     step: int = 0,
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate `model` on the first `eval.num_problems` rows of `rows` (a held-out split)."""
     e = cfg.eval
+    env = env or env_for(cfg)
+    reward_fns = reward_fns or get_rewards(cfg.train.rewards or env.default_rewards, env)
     rows = rows.select(range(min(e.num_problems, len(rows))))
     generator = generator or make_generator(model, tokenizer, cfg.generation, cfg.model)
-    conv = cfg.data.conversation
-    nums, targets = list(rows["nums"]), list(rows["target"])
-    prompts = [build_prompt(tokenizer, n, t, conv) for n, t in zip(nums, targets)]
+    prompts = env.prompts(tokenizer, cfg.data.conversation, rows)
+    columns = _columns(rows)
     was_training = model.training
     model.eval()
 
     texts: list[str] = []
+    ids: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), e.batch_size), desc="eval", unit="batch", disable=not progress):
         out = generator.generate(prompts[start : start + e.batch_size], 1, greedy=True)
         texts.extend(out.texts)
+        ids.extend(_completion_ids(out))
+    right = env.correct(texts, **columns)
     fmt = format_reward(texts)
-    eq = equation_reward(texts, target=targets, nums=nums)
+    scores = score(texts, {**columns, "completion_ids": ids}, reward_fns, cfg.train.reward_weights)
     n = len(texts)
-    acc = sum(eq) / n
+    acc = sum(right) / n
     result = EvalResult(
         step=step,
         n=n,
         accuracy=acc,
         accuracy_se=binomial_se(acc, n),
         format_rate=sum(fmt) / n,
-        mean_reward=(sum(fmt) + sum(eq)) / n,
-        correct=[int(x) for x in eq],
+        mean_reward=scores.total.mean().item(),
+        rewards={k: v for k, v in scores.metrics(prefix="").items() if not k.endswith("/errors")},
+        correct=[int(x) for x in right],
         samples=[
-            {"nums": list(map(int, nums[i])), "target": int(targets[i]), "completion": texts[i],
-             "format": fmt[i], "equation": eq[i]}
+            {**env.describe(rows[i]), "completion": texts[i], "format": fmt[i], "correct": right[i]}
             for i in range(min(e.samples_logged, n))
         ],
     )
     if e.sampled_problems:
         device = next(model.parameters()).device
-        _add_sampled(result, generator, prompts, nums, targets, cfg, step, device)
+        _add_sampled(result, generator, prompts, columns, env, cfg, step, device)
     if was_training:
         model.train()
     result.finished_at = time.time()
@@ -116,7 +137,7 @@ def evaluate(
 
 
 def _add_sampled(
-    result: EvalResult, generator: Any, prompts: list[str], nums: list, targets: list,
+    result: EvalResult, generator: Any, prompts: list[str], columns: dict[str, list[Any]], env: Env,
     cfg: RunConfig, step: int, device: torch.device,
 ) -> None:
     """Sampled accuracy and pass@k at the training temperature, seeded by the step."""
@@ -129,14 +150,12 @@ def _add_sampled(
     for start in range(0, m, per_call):
         stop = min(start + per_call, m)
         out = generator.generate(prompts[start:stop], k, generator=gen)
-        rep_t = [t for t in targets[start:stop] for _ in range(k)]
-        rep_n = [x for x in nums[start:stop] for _ in range(k)]
-        eq = equation_reward(out.texts, target=rep_t, nums=rep_n)
-        hits.extend(eq[i * k : (i + 1) * k] for i in range(stop - start))
+        repeated = {c: [v for v in values[start:stop] for _ in range(k)] for c, values in columns.items()}
+        right = env.correct(out.texts, **repeated)
+        hits.extend(right[i * k : (i + 1) * k] for i in range(stop - start))
     flat = [h for row in hits for h in row]
     result.sampled_accuracy = sum(flat) / len(flat)
     result.sampled_accuracy_se = binomial_se(result.sampled_accuracy, len(flat))
     if e.pass_k:
         result.pass_at_k = sum(1.0 for row in hits if any(row)) / len(hits)
         result.k = k
-

@@ -91,8 +91,9 @@ def train_data_parallel(
     """
     from grpo import tracking
     from grpo.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
-    from grpo.countdown import load_split, prepare_dataset
-    from grpo.models import ensure_base_model, load_policy
+    from grpo.data import load_split, prepare_dataset
+    from grpo.envs import env_for
+    from grpo.models import ensure_model_for, load_policy
     from grpo.trainer import GRPOTrainer, seed_everything
 
     rank, world = dp.rank(), dp.world_size()
@@ -102,8 +103,8 @@ def train_data_parallel(
     if log_mlflow and dp.is_main():  # only rank 0 talks to MLflow
         tracking.check_tracking(tracking_uri)
     with dp.main_first():  # rank 0 fills the data cache and builds the tiny model, the others reuse
-        ref = prepare_dataset(cfg.data)
-        ensure_base_model(cfg.model)
+        ref = prepare_dataset(cfg.data, env_for(cfg))
+        ensure_model_for(cfg)
         ranks_dir.mkdir(parents=True, exist_ok=True)
 
     seed_everything(cfg.train.seed)  # the fresh adapter: identical on every rank

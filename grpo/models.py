@@ -20,21 +20,20 @@ the one model cache); a retry in a fresh process loads it from disk.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpo.config import REFERENCE_SYSTEM, REFERENCE_USER, LoraConfig, ModelConfig, RunConfig
+from grpo.config import DEFAULT_TINY_PATH, LoraConfig, ModelConfig, RunConfig
+from grpo.envs.countdown import TAG_TOKENS, tiny_corpus
 from grpo.errors import ConfigError, ModelLoadError
 
-DEFAULT_TINY_PATH = "artifacts/tiny-model"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -52,60 +51,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # --------------------------------------------------------------------------- tiny model
 
 
-def _random_solution(rng: random.Random, nums: list[int]) -> tuple[list[str], str, int]:
-    """Combine `nums` left to right with random valid operations: (steps, expression, value)."""
-    order = list(nums)
-    rng.shuffle(order)
-    acc, expr = order[0], str(order[0])
-    steps: list[str] = []
-    spaced = rng.random() < 0.5
-    for i, b in enumerate(order[1:]):
-        ops = ["+"]
-        if acc > b:
-            ops.append("-")
-        if acc * b <= 9999:
-            ops.append("*")
-        if b and acc % b == 0:
-            ops.append("/")
-        op = rng.choice(ops)
-        value = {"+": acc + b, "-": acc - b, "*": acc * b, "/": acc // b if b else acc}[op]
-        steps.append(f"{acc}{op}{b}={value}")
-        sep = " " if spaced else ""
-        expr = f"{expr}{sep}{op}{sep}{b}"
-        if i < len(order) - 2:
-            expr = f"({expr})"
-        acc = value
-    return steps, expr, acc
-
-
-def tiny_corpus(seed: int, num_problems: int = 2000) -> list[str]:
-    """Synthetic Countdown-style text (prompts, reasoning, answers) for training the tokenizer."""
-    rng = random.Random(seed)
-    lines = [
-        REFERENCE_SYSTEM,
-        "Let me solve this step by step.",
-        "system", "user", "assistant",
-    ]
-    for _ in range(num_problems):
-        nums = [rng.randint(1, 99) for _ in range(rng.choice((3, 4)))]
-        steps, expr, target = _random_solution(rng, nums)
-        plain = " ".join(str(n) for n in nums)
-        lines.append(f"nums: {plain} target: {target}")
-        lines.append(f"{','.join(steps)}</think>\n<answer>{expr}</answer>")
-        if rng.random() < 0.2:
-            lines.append(REFERENCE_USER.format(nums=nums, target=target))
-            lines.append(f" Let me solve this step by step.\n<think> {' '.join(steps)} so {expr} = {target}")
-    # The tags become whole added tokens; keep their characters out of the BPE merges.
-    out = []
-    for line in lines:
-        for tag in TAG_TOKENS:
-            line = line.replace(tag, " ")
-        out.append(line)
-    return out
-
-
-def _train_tokenizer(seed: int, vocab_size: int) -> Any:
-    """A byte-level BPE `PreTrainedTokenizerFast` with ChatML special tokens and tag tokens."""
+def _train_tokenizer(seed: int, vocab_size: int, corpus: list[str] | None = None) -> Any:
+    """A byte-level BPE `PreTrainedTokenizerFast` with ChatML special tokens and tag tokens, trained
+    on `corpus` (None = the synthetic Countdown text of `seed`)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -126,7 +74,8 @@ def _train_tokenizer(seed: int, vocab_size: int) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(tiny_corpus(seed), trainer=trainer)
+    lines = tiny_corpus(seed) if corpus is None else corpus
+    tok.train_from_iterator([_untagged(line) for line in lines], trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -139,6 +88,13 @@ def _train_tokenizer(seed: int, vocab_size: int) -> Any:
     return fast
 
 
+def _untagged(line: str) -> str:
+    """The tags become whole added tokens; keep their characters out of the BPE merges."""
+    for tag in TAG_TOKENS:
+        line = line.replace(tag, " ")
+    return line
+
+
 def build_tiny_model(
     out_dir: str | os.PathLike[str],
     seed: int = 0,
@@ -149,6 +105,7 @@ def build_tiny_model(
     intermediate_size: int = 384,
     vocab_size: int = 512,
     init_std: float = 0.02,
+    corpus: list[str] | None = None,
 ) -> Path:
     """Build the tiny Qwen2-architecture model + tokenizer into `out_dir` (atomic; replaces it).
 
@@ -157,13 +114,16 @@ def build_tiny_model(
     alone cannot concentrate its output distribution; a larger value (e.g. 0.2) gives a random
     model whose adapter can learn token-level rewards quickly (the GRPO learning test uses it).
 
+    `corpus` is the text the tokenizer is trained on: an environment's prompts and reference
+    completions (`Env.tokenizer_corpus`); None = the synthetic Countdown text.
+
     Deterministic: the same arguments give byte-identical `model.safetensors` and `tokenizer.json`.
     """
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(seed, vocab_size)
+    tokenizer = _train_tokenizer(seed, vocab_size, corpus)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen2Config(
@@ -219,9 +179,10 @@ def _looks_local(name: str) -> bool:
     return False
 
 
-def ensure_base_model(cfg: ModelConfig) -> str:
-    """Return a loadable `name_or_path`: an existing folder, a freshly built tiny model, or a hub id."""
-    name = cfg.name_or_path
+def ensure_base_model(cfg: ModelConfig, corpus: Callable[[], list[str]] | None = None) -> str:
+    """Return a loadable `name_or_path`: an existing folder, a freshly built tiny model (its tokenizer
+    trained on `corpus()`, None = Countdown text), or a hub id."""
+    name = cfg.name_or_path or DEFAULT_TINY_PATH
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
@@ -236,6 +197,7 @@ def ensure_base_model(cfg: ModelConfig) -> str:
             build_tiny_model(
                 path, seed=t.seed, hidden_size=t.hidden_size, num_layers=t.num_layers,
                 num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
+                corpus=corpus() if corpus is not None else None,
             )
         except OSError as e:
             raise ModelLoadError(
@@ -244,6 +206,16 @@ def ensure_base_model(cfg: ModelConfig) -> str:
             ) from None
         return str(path)
     return name
+
+
+def ensure_model_for(cfg: RunConfig) -> str:
+    """`ensure_base_model` for a run: a tiny model built here learns its tokenizer on the text of
+    the run's environment (`task`)."""
+    from grpo.envs import env_for
+
+    return ensure_base_model(
+        cfg.model, corpus=lambda: env_for(cfg).tokenizer_corpus(cfg.data.source, cfg.model.tiny.seed)
+    )
 
 
 def _load_error(name: str, err: BaseException) -> ModelLoadError:
@@ -316,7 +288,7 @@ def check_lora_targets(cfg: RunConfig) -> None:
     meta device: no weights are read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    name = ensure_base_model(cfg.model)
+    name = ensure_model_for(cfg)
     try:
         config = AutoConfig.from_pretrained(name, revision=cfg.model.revision)
     except _load_errors() as e:
@@ -357,7 +329,7 @@ def load_policy(cfg: RunConfig, adapter_dir: str | None = None) -> tuple[Any, An
     """Base model + trainable adapter (fresh LoRA, or the one saved in `adapter_dir`) and tokenizer."""
     from peft import PeftModel
 
-    name = ensure_base_model(cfg.model)
+    name = ensure_model_for(cfg)
     tokenizer = load_tokenizer(name, cfg.model.revision)
     base = load_base_model(cfg.model)
     if adapter_dir is None:

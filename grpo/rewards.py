@@ -1,58 +1,78 @@
-"""Countdown rewards: format (0/1) and equation (0/1), a safe arithmetic evaluator, and a registry.
+"""Rewards: plain functions `(completions, **dataset_columns) -> list[float | None]`, TRL's signature.
 
-A completion is the text generated after the prefilled `<think>`, so both rewards score
-`"<think>" + completion`, as the reference recipe does. Rewards are plain functions
-`(completions, **dataset_columns) -> list[float]`, registered by name and looked up from
-`train.rewards`:
+A completion is the text generated after the prefilled `<think>`, so rewards read
+`"<think>" + completion`, as the reference recipe does. `train.rewards` names each reward one of
+three ways, looked up in this order:
 
+1. a reward of the run's environment: `correct` (every environment: its answer check), or one of
+   its own (Countdown: `equation`);
+2. a registered name: `format`, or one added with `@register_reward("name")`;
+3. an import path `package.module:function`: your own function, imported by every process that
+   trains (a deployment's worker too: the module must be importable there, e.g. installed or on
+   its PYTHONPATH).
+
+    >>> from grpo.envs import get_env
     >>> from grpo.rewards import get_rewards
-    >>> done = " 93+4=97, 97-68=29</think>\\n<answer>(93 + 4) - 68</answer>"
-    >>> rewards = get_rewards(["format", "equation"])
-    >>> {name: fn([done], target=[29], nums=[[93, 4, 68]]) for name, fn in rewards}
-    {'format': [1.0], 'equation': [1.0]}
+    >>> done = " 2+2=4</think>\\n<answer>4</answer>"
+    >>> rewards = get_rewards(["format", "correct"], get_env("dataset", match="exact"))
+    >>> {name: fn([done], answer=["4"]) for name, fn in rewards}
+    {'format': [1.0], 'correct': [1.0]}
 
-Each reward returns 0.0 or 1.0 per completion and never raises on any completion text. The
-answer is evaluated by a small `ast` walker over exact fractions (never Python `eval`); hostile
-input (very long text, deep nesting, huge numbers, `**`, `//`, division by zero) scores 0.0
-quickly. Departures from the reference recipe: its format regex allows any answer body and its
-equation check runs `eval`; here the answer body may not hold another answer tag, the
-expression must use binary operators only (no unary minus), and intermediate values are
-bounded by `MAX_ABS`.
+A reward may return None for a completion it has no opinion on (as in TRL): that reward is left
+out of that completion's sum. `call_reward` guards each call: a reward that raises is called again
+one completion at a time, the completions it still raises on score 0 (counted, and the first
+traceback logged once); a reward that returns the wrong number of values or something other than
+numbers stops the run with one line naming it (`RewardError`).
+
+Countdown's `equation_reward` and its safe evaluator live in `grpo.envs.countdown.reward`; they
+stay importable from here.
 """
 
 from __future__ import annotations
 
-import ast
+import importlib
+import inspect
+import logging
+import math
+import numbers
 import re
-from collections.abc import Callable, Iterable
-from fractions import Fraction
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from grpo.errors import ConfigError
+from grpo.errors import ConfigError, RewardError, TrainingDiverged
 
-TOLERANCE = 1e-5
-"""An answer is right when its value is within this distance of the target."""
+if TYPE_CHECKING:
+    import torch
+
+    from grpo.envs import Env
+
+log = logging.getLogger(__name__)
+
 MAX_TEXT_CHARS = 10_000
 """Completions longer than this score 0.0 without being parsed."""
-MAX_EXPR_CHARS = 200
-"""Answer expressions longer than this are invalid."""
-MAX_PAREN_DEPTH = 20
-"""Answer expressions nested deeper than this are invalid."""
-MAX_ABS = 1e12
-"""Any intermediate value larger than this in absolute value makes the expression invalid."""
 
-RewardFn = Callable[..., list[float]]
+RewardFn = Callable[..., list[float | None]]
 
 REWARDS: dict[str, RewardFn] = {}
-"""Reward functions by name (the names `train.rewards` accepts)."""
+"""Registered reward functions by name (environment-independent ones; see the module docstring)."""
 
 _FORMAT_RE = re.compile(
     r"<think>(?:(?!</?think>).)*</think>\n<answer>(?:(?!</?answer>).)*</answer>", re.DOTALL
 )
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ALLOWED_CHARS_RE = re.compile(r"[0-9+\-*/() ]+")
-_INT_RE = re.compile(r"[0-9]+")
-_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div)
+_IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_COUNTDOWN_NAMES = {"TOLERANCE", "MAX_EXPR_CHARS", "MAX_PAREN_DEPTH", "MAX_ABS", "safe_eval", "safe_eval_exact",
+                    "matches_target", "equation_reward"}
+
+
+def __getattr__(name: str) -> Any:
+    """Countdown's reward and evaluator, importable from here as before they moved."""
+    if name in _COUNTDOWN_NAMES:
+        from grpo.envs.countdown import reward
+
+        return getattr(reward, name)
+    raise AttributeError(f"module 'grpo.rewards' has no attribute {name!r}")
 
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
@@ -65,85 +85,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return deco
 
 
-def get_rewards(names: Iterable[str]) -> list[tuple[str, RewardFn]]:
-    """`[(name, fn), ...]` for the named rewards, in order; `ConfigError` on an unknown name."""
-    out = []
-    for name in names:
-        if name not in REWARDS:
-            raise ConfigError(
-                f"train.rewards: unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}"
-            )
-        out.append((name, REWARDS[name]))
-    return out
-
-
-def _paren_depth_ok(expr: str, limit: int) -> bool:
-    depth = 0
-    for ch in expr:
-        if ch == "(":
-            depth += 1
-            if depth > limit:
-                return False
-        elif ch == ")":
-            depth -= 1
-    return True
-
-
-def _eval_node(node: ast.AST) -> Fraction:
-    """Exact value of an allowed node; ValueError on anything else."""
-    if isinstance(node, ast.Constant):
-        v = node.value
-        if type(v) is not int:
-            raise ValueError("only integer literals are allowed")
-        value = Fraction(v)
-    elif isinstance(node, ast.BinOp) and isinstance(node.op, _OPS):
-        a = _eval_node(node.left)
-        b = _eval_node(node.right)
-        if isinstance(node.op, ast.Add):
-            value = a + b
-        elif isinstance(node.op, ast.Sub):
-            value = a - b
-        elif isinstance(node.op, ast.Mult):
-            value = a * b
-        else:
-            if b == 0:
-                raise ZeroDivisionError
-            value = a / b
-    else:
-        raise ValueError(f"{type(node).__name__} is not allowed")
-    if abs(value) > MAX_ABS:
-        raise ValueError("value too large")
-    return value
-
-
-def safe_eval_exact(expr: str) -> Fraction | None:
-    """Exact value of an arithmetic expression over integers with binary + - * /, else None.
-
-    None for: characters other than ASCII digits, `+ - * / ( )` and spaces; more than
-    `MAX_EXPR_CHARS` characters or `MAX_PAREN_DEPTH` nested parentheses (checked before
-    parsing); syntax errors; unary operators, `**` and `//`; division by zero; any intermediate
-    value beyond `MAX_ABS`.
-    """
-    try:
-        if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
-            return None
-        if not _ALLOWED_CHARS_RE.fullmatch(expr) or not _paren_depth_ok(expr, MAX_PAREN_DEPTH):
-            return None
-        tree = ast.parse(expr.strip(), mode="eval")
-        return _eval_node(tree.body)
-    except Exception:  # noqa: BLE001 - any malformed expression is "no value", never an error
-        return None
-
-
-def safe_eval(expr: str) -> float | None:
-    """Value of an arithmetic expression (see `safe_eval_exact`) as a float; None if invalid."""
-    value = safe_eval_exact(expr)
-    return None if value is None else float(value)
-
-
-def matches_target(value: float | Fraction, target: Any) -> bool:
-    """True when `value` is within `TOLERANCE` of `target` (the equation reward's test)."""
-    return abs(float(value) - float(target)) < TOLERANCE
+# ------------------------------------------------------------------------------ the format
 
 
 def _format_ok(completion: str) -> bool:
@@ -169,45 +111,215 @@ def format_reward(completions: list[str], **kwargs: Any) -> list[float]:
     return out
 
 
-def _equation_ok(completion: str, target: Any, nums: Any) -> bool:
-    if not isinstance(completion, str) or len(completion) > MAX_TEXT_CHARS:
-        return False
-    text = "<think>" + completion
-    if text.count("<answer>") != 1 or text.count("</answer>") != 1:
-        return False
-    m = _ANSWER_RE.search(text)
-    if m is None:
-        return False
-    expr = m.group(1).strip()
-    if len(expr) > MAX_EXPR_CHARS or not _ALLOWED_CHARS_RE.fullmatch(expr):
-        return False
-    used = sorted(int(s) for s in _INT_RE.findall(expr))
-    if used != sorted(int(x) for x in nums):
-        return False
-    value = safe_eval_exact(expr)
-    return value is not None and matches_target(value, target)
+def answer_content(completion: str) -> str | None:
+    """The stripped body of the completion's single `<answer>…</answer>` block; None when there is
+    no such block, more than one, or the text is longer than `MAX_TEXT_CHARS`.
 
-
-@register_reward("equation")
-def equation_reward(
-    completions: list[str], target: list[int], nums: list[list[int]], **kwargs: Any
-) -> list[float]:
-    """1.0 when the single `<answer>` block is an expression using exactly `nums` that equals `target`.
-
-    `target` and `nums` are the dataset columns, one entry per completion (python or numpy ints;
-    each `nums` entry a list, tuple or array). The stripped answer may hold only ASCII digits,
-    `+ - * / ( )` and spaces; its integers must be `nums` as a multiset; its value must be within
-    `TOLERANCE` of the target. Raises ValueError only when the three lists differ in length.
+    >>> answer_content("2+2=4</think>\\n<answer> 4 </answer>")
+    '4'
     """
-    if not (len(completions) == len(target) == len(nums)):
-        raise ValueError(
-            f"equation_reward: {len(completions)} completions but {len(target)} targets and "
-            f"{len(nums)} nums; pass one of each per completion"
-        )
+    if not isinstance(completion, str) or len(completion) > MAX_TEXT_CHARS:
+        return None
+    if completion.count("<answer>") != 1 or completion.count("</answer>") != 1:
+        return None
+    m = _ANSWER_RE.search(completion)
+    return m.group(1).strip() if m else None
+
+
+# ------------------------------------------------------------------------------- lookup
+
+
+def _import_reward(path: str) -> RewardFn:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(
+            f"train.rewards: cannot import {path!r} ({type(e).__name__}: {e}); the module must be "
+            "importable by every process that trains (installed, or on PYTHONPATH)"
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"train.rewards: {module_name!r} has no function {attr!r} (from {path!r})")
+    return fn
+
+
+def reward_name(entry: str, fn: RewardFn) -> str:
+    """The name a reward's metrics use: the registered name, or an imported function's `__name__`."""
+    return getattr(fn, "__name__", entry.rpartition(":")[2]) if _IMPORT_PATH.fullmatch(entry) else entry
+
+
+def get_rewards(names: Iterable[str], env: Env | None = None) -> list[tuple[str, RewardFn]]:
+    """`[(name, fn), ...]` for `train.rewards` entries, in order (see the module docstring for the
+    lookup); `env` None means Countdown. `ConfigError` in one line for an unknown name or an import
+    path that does not import."""
+    if env is None:
+        from grpo.envs import get_env
+
+        env = get_env("countdown")
+    own = env.rewards()
     out = []
-    for completion, t, ns in zip(completions, target, nums):
-        try:
-            out.append(1.0 if _equation_ok(completion, t, ns) else 0.0)
-        except Exception:  # noqa: BLE001 - a reward never raises: a completion it cannot read scores 0
-            out.append(0.0)
+    for entry in names:
+        if entry in own:
+            fn = own[entry]
+        elif entry in REWARDS:
+            fn = REWARDS[entry]
+        elif _IMPORT_PATH.fullmatch(entry):
+            fn = _import_reward(entry)
+        else:
+            known = sorted(set(own) | set(REWARDS))
+            raise ConfigError(
+                f"train.rewards: unknown reward {entry!r}; known rewards: {', '.join(known)}, or an "
+                "import path package.module:function"
+            )
+        name = reward_name(entry, fn)
+        if any(name == seen for seen, _ in out):
+            raise ConfigError(f"train.rewards: two rewards are named {name!r}; name each reward once")
+        out.append((name, fn))
     return out
+
+
+def check_reward_columns(reward_fns: Sequence[tuple[str, RewardFn]], columns: Iterable[str], task: str) -> None:
+    """`ConfigError` when a reward has a required keyword argument that no dataset column feeds
+    (e.g. one task's reward on the rows of another)."""
+    have = set(columns) | {"completion_ids"}
+    for name, fn in reward_fns:
+        try:
+            params = list(inspect.signature(fn).parameters.values())[1:]
+        except (TypeError, ValueError):  # a builtin or C function: nothing to check
+            continue
+        needed = [p.name for p in params
+                  if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        missing = [n for n in needed if n not in have]
+        if missing:
+            raise ConfigError(
+                f"train.rewards: reward {name!r} needs column(s) {missing}, which the rows of task "
+                f"{task!r} do not have (columns: {', '.join(sorted(set(columns)))})"
+            )
+
+
+# ------------------------------------------------------------------------------ calling
+
+
+_TRACEBACK_LOGGED: set[str] = set()
+
+
+@dataclass
+class RewardValues:
+    """One reward's values for N completions: a float or None (no opinion) each, and how many
+    completions it raised on (scored 0)."""
+
+    values: list[float | None]
+    errors: int = 0
+    skipped: list[int] = field(default_factory=list)
+
+
+def _checked(name: str, out: Any, n: int) -> list[float | None]:
+    """`out` as a list of n floats or Nones; `RewardError` naming the reward otherwise, and
+    `TrainingDiverged` for a NaN or infinite value."""
+    if hasattr(out, "tolist"):  # a tensor or an array
+        out = out.tolist()
+    if isinstance(out, (str, bytes)) or not isinstance(out, Sequence):
+        raise RewardError(
+            f"reward {name!r} returned {type(out).__name__}, not a list; a reward returns one float "
+            "(or None) per completion"
+        )
+    if len(out) != n:
+        raise RewardError(
+            f"reward {name!r} returned {len(out)} values for {n} completions; a reward returns one "
+            "float (or None) per completion"
+        )
+    values: list[float | None] = []
+    for i, v in enumerate(out):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise RewardError(
+                f"reward {name!r} returned {v!r} ({type(v).__name__}) for completion {i}; a reward "
+                "returns a float (or None) per completion"
+            )
+        values.append(None if v is None else float(v))
+    bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(v)]
+    if bad:
+        raise TrainingDiverged(
+            f"reward {name!r} returned {values[bad[0]]} for completion {bad[0]} ({len(bad)} of {n} "
+            "non-finite); a reward must return finite numbers"
+        )
+    return values
+
+
+def call_reward(name: str, fn: RewardFn, completions: list[str], columns: dict[str, list[Any]]) -> RewardValues:
+    """Call one reward on N completions (columns: one value per completion), guarded as the module
+    docstring says."""
+    n = len(completions)
+    try:
+        return RewardValues(_checked(name, fn(completions, **columns), n))
+    except (RewardError, TrainingDiverged):
+        raise
+    except Exception:  # noqa: BLE001 - a user's reward may raise anything: retried per completion below
+        first_error = True
+    values: list[float | None] = []
+    result = RewardValues(values)
+    for i, completion in enumerate(completions):
+        one = {k: [v[i]] for k, v in columns.items()}
+        try:
+            values.extend(_checked(name, fn([completion], **one), 1))
+        except (RewardError, TrainingDiverged):
+            raise
+        except Exception:  # noqa: BLE001 - this completion scores 0 for this reward; counted and logged once
+            values.append(0.0)
+            result.errors += 1
+            result.skipped.append(i)
+            if first_error and name not in _TRACEBACK_LOGGED:
+                _TRACEBACK_LOGGED.add(name)
+                log.warning("reward %r raised on completion %d (it scores 0; later errors are only "
+                            "counted, as reward/%s/errors)", name, i, name, exc_info=True)
+            first_error = False
+    return result
+
+
+@dataclass
+class Scores:
+    """Rewards of N completions: the weighted total (N,), each reward's values (N,) with NaN where
+    it had no opinion, and each reward's error count."""
+
+    total: torch.Tensor
+    per_fn: dict[str, torch.Tensor]
+    errors: dict[str, int]
+
+    def metrics(self, prefix: str = "reward/") -> dict[str, float]:
+        """`reward/<name>`: each reward's mean over the completions it scored (NaN when it had no
+        opinion on any); `reward/<name>/errors`: how many completions it raised on. The same keys
+        every step, so that data-parallel ranks can average them."""
+        import torch
+
+        out: dict[str, float] = {}
+        for name, values in self.per_fn.items():
+            scored = values[~torch.isnan(values)]  # (k,)
+            out[f"{prefix}{name}"] = scored.mean().item() if len(scored) else math.nan
+            out[f"{prefix}{name}/errors"] = float(self.errors.get(name, 0))
+        return out
+
+
+def score(
+    texts: Sequence[str],
+    columns: dict[str, list[Any]],
+    reward_fns: Sequence[tuple[str, RewardFn]],
+    weights: Sequence[float] | None = None,
+) -> Scores:
+    """Every reward on every completion, and their weighted sum (None counts 0 in the sum, as TRL's
+    nansum). Each reward is called as `fn(texts, **columns)`: the dataset columns repeated per
+    completion, plus `completion_ids` where the caller passes them."""
+    import torch
+
+    per_fn: dict[str, torch.Tensor] = {}
+    errors: dict[str, int] = {}
+    for name, fn in reward_fns:
+        got = call_reward(name, fn, list(texts), columns)
+        per_fn[name] = torch.tensor(
+            [math.nan if v is None else v for v in got.values], dtype=torch.float32
+        )  # (N,)
+        errors[name] = got.errors
+    weights = weights or [1.0] * len(reward_fns)
+    total = torch.zeros(len(texts), dtype=torch.float32)  # (N,)
+    for w, (name, _) in zip(weights, reward_fns):
+        total += w * torch.nan_to_num(per_fn[name], nan=0.0)  # (N,)
+    return Scores(total, per_fn, errors)

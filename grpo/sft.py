@@ -1,15 +1,16 @@
-"""Optional supervised warm start: teach a model the output format on solver-written completions.
+"""Optional supervised warm start: teach a model the output format on reference completions.
 
 Offline on CPU there are no pretrained weights, so the tiny model first learns the format and some
-arithmetic by supervised fine-tuning on completions that a solver writes in the exact output
-format, continued after the prefilled `<think>`:
+of the task by supervised fine-tuning on the environment's reference completions
+(`Env.reference_completion`), continued after the prefilled `<think>`; for Countdown a solver
+writes them:
 
     93+4=97,97-68=29</think>
     <answer>(93+4)-68</answer><|im_end|>
 
-The trace and the answer are written from the same `grpo.countdown.solve_steps` result, so they
-always agree; the answer scores 1.0 with `equation_reward` and `"<think>" + completion` scores 1.0
-with `format_reward`. The loss covers the completion tokens only (prompt labels are -100).
+Each reference scores 1.0 with the environment's `correct` and `"<think>" + completion` scores 1.0
+with `format_reward`; rows without one are skipped. The loss covers the completion tokens only
+(prompt labels are -100).
 
     from grpo.sft import build_examples, save_sft, train_sft
     summary = train_sft(model, tokenizer, train_rows, cfg, on_step=print)   # cfg: RunConfig
@@ -37,7 +38,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from grpo.algorithm import check_finite_update, check_finite_weights
 from grpo.config import Conversation, RunConfig
-from grpo.countdown import build_prompt, solve_steps
+from grpo.envs import Env, env_for
 from grpo.errors import DataError, TrainingDiverged
 from grpo.fastpath import keep_freed_memory
 
@@ -56,57 +56,6 @@ IGNORE_INDEX = -100
 """Label of tokens the loss skips (prompt and padding)."""
 EOS_TOKEN = "<|im_end|>"
 """End of the assistant turn in the ChatML template; appended to every completion."""
-
-
-# ----------------------------------------------------------------------------------- completions
-
-
-def _num(x: int | Fraction) -> str:
-    """A step value as text: integers plainly, fractions in parentheses ("(7/2)")."""
-    if isinstance(x, Fraction) and x.denominator != 1:
-        return f"({x.numerator}/{x.denominator})"
-    return str(int(x))
-
-
-def expression_from_steps(nums: Sequence[int], steps: Sequence[tuple[Any, str, Any, Any]]) -> str:
-    """The answer expression that the steps compute, e.g. "(93+4)-68", parenthesised per step.
-
-    Each step (a, op, b, r) takes an available value a and an available value b (starting from
-    `nums`) and makes r available; the expression of r is "(ea op eb)", and the outer parentheses
-    of the last one are dropped. When equal values are available any of them may be taken: the
-    result uses each number once and has the same value. ValueError when the steps do not use
-    exactly the given numbers.
-    """
-    pool: list[tuple[Any, str]] = [(int(x), str(int(x))) for x in nums]
-
-    def take(value: Any) -> str:
-        for i, (v, expr) in enumerate(pool):
-            if v == value:
-                pool.pop(i)
-                return expr
-        raise ValueError(f"step operand {value} is not an available value")
-
-    for a, op, b, r in steps:
-        ea = take(a)
-        eb = take(b)
-        pool.append((r, f"({ea}{op}{eb})"))
-    if len(pool) != 1:
-        raise ValueError(f"steps leave {len(pool)} values; they must combine all numbers into one")
-    expr = pool[0][1]
-    return expr[1:-1] if len(steps) else expr
-
-
-def completion_text(nums: Sequence[int], target: int) -> str:
-    """Solver-written completion after the prefilled "<think>", without the end-of-turn token.
-
-    "93+4=97,97-68=29</think>\\n<answer>(93+4)-68</answer>" for nums [93, 4, 68], target 29.
-    ValueError when the problem has no solution.
-    """
-    steps = solve_steps(nums, target)
-    if steps is None:
-        raise ValueError(f"no solution for nums {list(nums)} and target {target}")
-    trace = ",".join(f"{_num(a)}{op}{_num(b)}={_num(r)}" for a, op, b, r in steps)
-    return f"{trace}</think>\n<answer>{expression_from_steps(nums, steps)}</answer>"
 
 
 # -------------------------------------------------------------------------------------- examples
@@ -118,23 +67,28 @@ def end_token(tokenizer: Any) -> str:
     return EOS_TOKEN if EOS_TOKEN in vocab else tokenizer.eos_token
 
 
-def build_examples(rows: Any, tokenizer: Any, conversation: Conversation) -> list[dict[str, list[int]]]:
+def build_examples(
+    rows: Any, tokenizer: Any, conversation: Conversation, env: Env | None = None
+) -> list[dict[str, list[int]]]:
     """Tokenised examples `{"input_ids", "labels"}`: prompt + completion + end token.
 
-    The prompt is `build_prompt(...)` tokenised on its own (as generation sees it), the
-    completion is `completion_text(...)` followed by the end token; labels are -100 on the prompt
-    tokens and equal to the input ids on the completion tokens. Rows without a solution are
-    skipped. `rows` is a `datasets.Dataset` (or any iterable of dicts) with `nums` and `target`.
+    The prompt is `env.prompt(...)` tokenised on its own (as generation sees it), the completion
+    is `env.reference_completion(row)` followed by the end token; labels are -100 on the prompt
+    tokens and equal to the input ids on the completion tokens. Rows without a reference are
+    skipped. `rows` is a `datasets.Dataset` (or any iterable of dicts); `env` None = Countdown.
     """
+    if env is None:
+        from grpo.envs import get_env
+
+        env = get_env("countdown")
     end_id = tokenizer.convert_tokens_to_ids(end_token(tokenizer))
     prompts, completions = [], []
     for row in rows:
-        nums, target = [int(x) for x in row["nums"]], int(row["target"])
-        try:
-            completions.append(completion_text(nums, target))
-        except ValueError:
+        reference = env.reference_completion(row)
+        if reference is None:
             continue
-        prompts.append(build_prompt(tokenizer, nums, target, conversation))
+        completions.append(reference)
+        prompts.append(env.prompt(tokenizer, conversation, row))
     if not prompts:
         return []
     p_all = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -177,7 +131,7 @@ def train_sft(
     on_step: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Supervised warm start of `model` on solver-written completions of `train_rows`.
+    """Supervised warm start of `model` on the reference completions of `train_rows`.
 
     Trains the parameters that require grad: the adapter of a PeftModel, or a plain model's
     trainable parameters (all of them when none is trainable, as `load_base_model` freezes them).
@@ -185,9 +139,13 @@ def train_sft(
     Returns a summary: steps, examples, tokens, seconds, tokens_per_s, final_loss, stopped_by.
     """
     s = cfg.sft
-    examples = build_examples(train_rows, tokenizer, cfg.data.conversation)
+    env = env_for(cfg)
+    examples = build_examples(train_rows, tokenizer, cfg.data.conversation, env)
     if not examples:
-        raise DataError("data.source: no training row has a solution; the warm start needs solvable rows")
+        raise DataError(
+            f"data.source: no training row of task {env.name!r} has a reference completion; the warm "
+            "start needs rows with an answer (or set sft.enabled=false)"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params and not hasattr(model, "peft_config"):  # a frozen plain base: fine-tune it all
         model.requires_grad_(True)

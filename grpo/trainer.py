@@ -32,14 +32,14 @@ from tqdm.auto import tqdm
 
 from grpo.algorithm import completion_logprobs, group_advantages, policy_update
 from grpo.config import RunConfig
-from grpo.countdown import build_prompt
 from grpo.distributed import average_gradients, gather_metrics
+from grpo.envs import Env, env_for
 from grpo.errors import TrainingDiverged
 from grpo.fastpath import completion_logprobs_fast, keep_freed_memory
-from grpo.rewards import get_rewards
+from grpo.rewards import RewardFn, Scores, check_reward_columns, get_rewards, score
 from grpo.rollout import Rollout, make_generator
 
-RewardFn = Callable[..., list[float]]
+__all__ = ["Batch", "GRPOTrainer", "make_scheduler", "score", "seed_everything", "step_seed"]
 
 
 def seed_everything(seed: int) -> None:
@@ -84,33 +84,6 @@ class Batch:
         return {k: [v for v in vals for _ in range(group_size)] for k, vals in self.columns.items()}
 
 
-def score(
-    texts: Sequence[str],
-    columns: dict[str, list[Any]],
-    reward_fns: Sequence[tuple[str, RewardFn]],
-    weights: Sequence[float] | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the reward functions -> (N,) total and (N,) per function.
-
-    Each reward is called as `fn(texts, **columns)`: the dataset columns repeated per completion,
-    plus `completion_ids` (the token ids of each completion, as in TRL).
-    """
-    per_fn = {
-        name: torch.tensor(fn(list(texts), **columns), dtype=torch.float32)  # (N,)
-        for name, fn in reward_fns
-    }
-    for name, values in per_fn.items():
-        bad = (~torch.isfinite(values)).nonzero().flatten()  # (k,)
-        if len(bad):
-            raise TrainingDiverged(
-                f"reward {name!r} returned {values[bad[0]].item()} for completion {bad[0].item()} "
-                f"({len(bad)} of {len(values)} non-finite); a reward must return finite numbers"
-            )
-    weights = weights or [1.0] * len(reward_fns)
-    total = sum(w * per_fn[name] for w, (name, _) in zip(weights, reward_fns))  # (N,)
-    return total, per_fn
-
-
 class _Clock:
     """Wall-clock seconds per named phase: `with clock("generation"): ...` -> time/generation_s."""
 
@@ -146,6 +119,7 @@ class GRPOTrainer:
         *,
         generator: Any = None,
         reward_fns: Sequence[tuple[str, RewardFn]] | None = None,
+        env: Env | None = None,
         total_steps: int | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -157,7 +131,10 @@ class GRPOTrainer:
         self.tokenizer = tokenizer
         self.rows = train_rows
         self.generator = generator or make_generator(model, tokenizer, cfg.generation, cfg.model)
-        self.reward_fns = list(reward_fns or get_rewards(cfg.train.rewards))
+        self.env = env or env_for(cfg)
+        self.reward_fns = list(reward_fns or get_rewards(cfg.train.rewards or self.env.default_rewards, self.env))
+        if train_rows is not None:  # None: a caller that builds its own batches (benchmarks)
+            check_reward_columns(self.reward_fns, train_rows.column_names, self.env.name)
         t = cfg.train
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -201,8 +178,7 @@ class GRPOTrainer:
                 self._perm_epoch = epoch
             indices.append(self._perm[i])
         rows = self.rows.select(indices)
-        conv = self.cfg.data.conversation
-        prompts = [build_prompt(self.tokenizer, r["nums"], r["target"], conv) for r in rows]
+        prompts = self.env.prompts(self.tokenizer, self.cfg.data.conversation, rows)
         columns = {c: list(rows[c]) for c in rows.column_names}
         return Batch(indices, prompts, columns)
 
@@ -283,7 +259,8 @@ class GRPOTrainer:
             columns["completion_ids"] = [
                 ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)
             ]
-            rewards, per_fn = score(rollout.texts, columns, self.reward_fns, self.cfg.train.reward_weights)  # (N,)
+            scores = score(rollout.texts, columns, self.reward_fns, self.cfg.train.reward_weights)
+            rewards = scores.total  # (N,)
             adv = self.advantages(rewards)  # (N,)
         with clock("reference"):
             old, ref = self.old_and_reference_logprobs(rollout)
@@ -300,7 +277,7 @@ class GRPOTrainer:
         gen_s = clock.seconds["time/generation_s"]
         metrics = {
             "step": self.step_count,
-            **self.rollout_metrics(rollout, rewards, per_fn),
+            **self.rollout_metrics(rollout, scores),
             **update,
             **clock.seconds,
             "lr": self.scheduler.get_last_lr()[0],
@@ -309,10 +286,9 @@ class GRPOTrainer:
         }
         return gather_metrics(metrics) if self.world_size > 1 else metrics
 
-    def rollout_metrics(
-        self, rollout: Rollout, rewards: torch.Tensor, per_fn: dict[str, torch.Tensor]
-    ) -> dict[str, float]:
+    def rollout_metrics(self, rollout: Rollout, scores: Scores) -> dict[str, float]:
         g = self.cfg.train.group_size
+        rewards = scores.total  # (N,)
         lengths = rollout.completion_mask.sum(dim=1).float()  # (N,)
         group_std = rewards.view(-1, g).std(dim=1)  # (B,)
         out = {
@@ -323,9 +299,7 @@ class GRPOTrainer:
             "completion_length_max": lengths.max().item(),
             "truncated_fraction": rollout.truncated.float().mean().item(),
         }
-        for name, values in per_fn.items():
-            out[f"reward/{name}"] = values.mean().item()
-        return out
+        return {**out, **scores.metrics()}
 
     def train(
         self,

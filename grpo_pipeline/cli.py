@@ -4,7 +4,7 @@
     grpo run --config configs/qwen2.5-0.5b-countdown.yaml --set pipeline.rounds=5
     grpo promote [--model NAME] [--version N] [--alias champion]
     grpo eval --model models:/countdown-lora@champion
-    grpo data [--config FILE]                 # prepare (or reuse) the splits, print where they are
+    grpo data [--config FILE] [--show 3]      # prepare (or reuse) the splits, show prompts + references
     grpo tiny-model DIR [--seed 0]
     grpo compare [--experiment grpo-countdown]
 
@@ -63,9 +63,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from grpo.envs import environment_help
+
     parser = argparse.ArgumentParser(
         prog="grpo",
         description="GRPO fine-tuning of LoRA adapters as Prefect flows with MLflow tracking and registry.",
+        epilog="environments (task.name; parameters in task.params):\n" + environment_help()
+        + "\n\ne.g. grpo run --set task.name=reasoning_gym:chain_sum",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -105,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("data", help="Prepare (or reuse) the train/test splits and print where they are.")
+    p = sub.add_parser(
+        "data", help="Prepare (or reuse) the train/test splits; show a few prompts and reference completions.",
+        description="Prepare (or reuse) the task's train/test splits, print where they are, and show a "
+        "few training prompts as the model sees them with their reference completions: the first check "
+        "that a prompt template is right (e.g. grpo data --set task.name=reasoning_gym:chain_sum).",
+    )
     _add_config_args(p)
+    p.add_argument("--show", type=int, default=3, metavar="N", help="Prompts to show (default: %(default)s).")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("tiny-model", help="Build the tiny offline model (weights + tokenizer) in DIR.")
@@ -281,10 +292,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    from grpo.data import load_split
+    from grpo.envs import env_for
+    from grpo.models import ensure_model_for, load_tokenizer
     from grpo.stages import data
 
-    ref = data.prepare(_config(args))
+    cfg = _config(args)
+    ref = data.prepare(cfg)
     print(ref.model_dump_json(indent=2))
+    if args.show <= 0:
+        return 0
+    env = env_for(cfg)
+    tokenizer = load_tokenizer(ensure_model_for(cfg), cfg.model.revision)
+    rows = load_split(ref.train_path)
+    print(f"\ntask {env.name}: {min(args.show, len(rows))} of {len(rows)} training rows as the model sees them")
+    for i, row in enumerate(rows.select(range(min(args.show, len(rows))))):
+        reference = env.reference_completion(row)
+        print(f"\n--- prompt {i + 1} ---\n{env.prompt(tokenizer, cfg.data.conversation, row)}")
+        print(f"--- reference completion ---\n{reference if reference is not None else '(none)'}")
     return 0
 
 

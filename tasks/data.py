@@ -13,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from grpo.config import RunConfig
-from grpo.countdown import DatasetRef
+from grpo.data import DatasetRef
 from grpo.stages import data
 from grpo_pipeline.tasks.retry import RETRY_OPTIONS
 

@@ -13,7 +13,7 @@ from prefect import task
 
 from grpo.checkpoint import CheckpointRef
 from grpo.config import EvalConfig, RunConfig
-from grpo.countdown import DatasetRef
+from grpo.data import DatasetRef
 from grpo.evaluate import EvalResult
 from grpo.stages import evaluate as stage
 from grpo.stages import registry

@@ -13,7 +13,7 @@ from prefect import task
 
 from grpo.checkpoint import CheckpointRef
 from grpo.config import RunConfig
-from grpo.countdown import DatasetRef
+from grpo.data import DatasetRef
 from grpo.stages import train
 from grpo.stages import warm_start as warm
 from grpo_pipeline.tasks.retry import RETRY_OPTIONS

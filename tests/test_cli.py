@@ -123,7 +123,7 @@ def test_missing_config_file(capsys: pytest.CaptureFixture, tmp_path: Path) -> N
 
 
 def test_data_command_prints_the_ref_and_reuses_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["data", "--set", "data.generate_rows=50", f"data.cache_dir={tmp_path}"]
+    args = ["data", "--show", "0", "--set", "data.generate_rows=50", f"data.cache_dir={tmp_path}"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["train_rows"] + first["test_rows"] == 50 and not first["reused"]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import grpo.countdown
-from grpo.config import REFERENCE_CONVERSATION, Conversation, DataConfig
+from grpo.config import Conversation, DataConfig
 from grpo.countdown import (
     DatasetRef,
     build_prompt,
@@ -34,6 +34,8 @@ from grpo.countdown import (
     solve_steps,
     validate_rows,
 )
+from grpo.envs import get_env
+from grpo.envs.countdown import REFERENCE_CONVERSATION
 from grpo.errors import DataError, ModelLoadError
 from grpo.rewards import equation_reward
 
@@ -217,14 +219,13 @@ def test_bad_rows_are_named(tmp_path: Path) -> None:
 def test_csv_and_json_load(tmp_path: Path) -> None:
     df = pd.DataFrame({"nums": ["[93, 4, 68]", "[1, 2, 3, 4]", "5 6"], "target": [29, 24, 11]})
     df.to_csv(tmp_path / "rows.csv", index=False)
-    ds = load_rows(str(tmp_path / "rows.csv"))
-    validate_rows(ds)
+    ds = get_env("countdown").load(str(tmp_path / "rows.csv"))  # csv text lists parsed, checked, cast
     assert ds.to_dict() == {"nums": [[93, 4, 68], [1, 2, 3, 4], [5, 6]], "target": [29, 24, 11]}
     (tmp_path / "rows.json").write_text(json.dumps([{"nums": [1, 2], "target": 3}]))
     assert load_rows(str(tmp_path / "rows.json")).to_dict() == {"nums": [[1, 2]], "target": [3]}
     (tmp_path / "bad.csv").write_text('nums,target\n"[1, 2",3\n')
     with pytest.raises(DataError, match="row 0"):
-        load_rows(str(tmp_path / "bad.csv"))
+        get_env("countdown").load(str(tmp_path / "bad.csv"))
 
 
 def test_missing_file_and_offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ package folder is installed under the name the code imports it by.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -68,3 +69,20 @@ def test_every_package_folder_is_installed() -> None:
     assert set(setuptools["packages"]) == expected
     for package, folder in folders.items():
         assert (ROOT / folder / "__init__.py").is_file(), package
+
+
+COUNTDOWN_COLUMNS = re.compile(r"""["'](nums|target)["']|\bnums_plain\b|\{nums\}|\bnums=""")
+
+
+def test_only_the_countdown_environment_names_its_columns() -> None:
+    """Everything task-specific lives in grpo/envs/: outside Countdown's own modules (and the module
+    that re-exports its public functions) no library code names Countdown's columns."""
+    allowed = {LIBRARY / "countdown.py"}
+    offenders = [
+        f"{path.relative_to(LIBRARY.parent)}:{n}"
+        for path in sorted(LIBRARY.rglob("*.py"))
+        if path not in allowed and not path.is_relative_to(LIBRARY / "envs" / "countdown")
+        for n, line in enumerate(path.read_text().splitlines(), start=1)
+        if COUNTDOWN_COLUMNS.search(line)
+    ]
+    assert offenders == []

@@ -211,10 +211,11 @@ def test_module_docstring_example_runs() -> None:
 
 
 def test_registry() -> None:
+    """Registered names are environment-independent; `equation` and `correct` come from the task."""
     assert REWARDS["format"] is format_reward
-    assert REWARDS["equation"] is equation_reward
-    pairs = get_rewards(["equation", "format"])
-    assert pairs == [("equation", equation_reward), ("format", format_reward)]
+    assert "equation" not in REWARDS
+    pairs = get_rewards(["equation", "format", "correct"])  # the default task: countdown
+    assert pairs == [("equation", equation_reward), ("format", format_reward), ("correct", equation_reward)]
     with pytest.raises(ConfigError) as e:
         get_rewards(["format", "lenght"])
     msg = str(e.value)

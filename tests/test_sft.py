@@ -15,18 +15,11 @@ import torch
 
 from grpo.config import Conversation, ModelConfig, RunConfig
 from grpo.countdown import build_prompt, generate, prepare_splits, solve_steps
+from grpo.envs.countdown.solver import completion_text, expression_from_steps
 from grpo.evaluate import evaluate
 from grpo.models import attach_lora, load_base_model, load_tokenizer
 from grpo.rewards import equation_reward, format_reward, safe_eval_exact
-from grpo.sft import (
-    IGNORE_INDEX,
-    build_examples,
-    collate,
-    completion_text,
-    expression_from_steps,
-    save_sft,
-    train_sft,
-)
+from grpo.sft import IGNORE_INDEX, build_examples, collate, save_sft, train_sft
 
 # The shortened warm start of `test_short_warm_start_learns`: a step budget (not a time budget),
 # so the result does not depend on how busy the CPU is, only the duration does (~45 s at ~10k

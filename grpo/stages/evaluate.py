@@ -16,7 +16,7 @@ from typing import Any
 from grpo import reports, tracking
 from grpo.checkpoint import CheckpointRef
 from grpo.config import RunConfig
-from grpo.countdown import DatasetRef, load_split
+from grpo.data import DatasetRef, load_split
 from grpo.evaluate import EvalResult, evaluate, mcnemar
 from grpo.models import POLICY_CACHE, PolicyCache, cached_policy, load_policy
 

@@ -19,7 +19,7 @@ from grpo.checkpoint import (
     save_checkpoint,
 )
 from grpo.config import RunConfig
-from grpo.countdown import DatasetRef, load_split
+from grpo.data import DatasetRef, load_split
 from grpo.models import POLICY_CACHE, PolicyCache, load_policy_at, policy_key
 from grpo.stages.runs import STEP_METRIC, run_dir
 

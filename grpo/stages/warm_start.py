@@ -1,5 +1,5 @@
-"""Warm-start stage: supervised fine-tuning of the base model on solver-written completions
-before GRPO (`sft.enabled`), so that a tiny model learns the answer format first.
+"""Warm-start stage: supervised fine-tuning of the base model on the environment's reference
+completions before GRPO (`sft.enabled`), so that a tiny model learns the answer format first.
 
     from grpo.stages import warm_start
     folder = warm_start.warm_start(cfg, dataset_ref, run_id, uri)   # <run dir>/sft
@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from grpo import tracking
 from grpo.config import RunConfig
-from grpo.countdown import DatasetRef, load_split
+from grpo.data import DatasetRef, load_split
 from grpo.stages.runs import run_dir
 
 
 def warm_start(cfg: RunConfig, dataset_ref: DatasetRef, run_id: str, tracking_uri: str) -> str:
-    """Fine-tune the base on solver-written completions and save it as `<run dir>/sft`, a plain
+    """Fine-tune the base on the environment's reference completions and save it as `<run dir>/sft`, a plain
     model folder that becomes the base of GRPO.
 
     A folder already saved there (a retry, a resumed flow) is reused. Logs `sft/*` metrics, each
     step once."""
-    from grpo.models import ensure_base_model, load_base_model, load_tokenizer
+    from grpo.models import ensure_model_for, load_base_model, load_tokenizer
     from grpo.sft import save_sft, train_sft
     from grpo.trainer import seed_everything
 
@@ -28,7 +28,7 @@ def warm_start(cfg: RunConfig, dataset_ref: DatasetRef, run_id: str, tracking_ur
     if (out / "config.json").is_file():
         return str(out)
     seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(ensure_base_model(cfg.model), cfg.model.revision)
+    tokenizer = load_tokenizer(ensure_model_for(cfg), cfg.model.revision)
     model = load_base_model(cfg.model)
     model.requires_grad_(True)
     rows = load_split(dataset_ref.train_path)
