@@ -90,7 +90,7 @@ def finetune(config: RunConfig = EMBEDDED_DEFAULT, resume_run_id: str | None = N
         dataset.train_rows, dataset.test_rows, "reused" if dataset.reused else "built",
         dataset.content_hash[:12],
     )
-    run = open_run(cfg, uri, flow_run_id, resume_run_id)
+    run = open_run(cfg, uri, flow_run_id, resume_run_id, dataset)
     run_id = run.run_id
     _tag_flow_run(flow_run_id, [f"mlflow_run_id:{run_id}"])
     url, note = reports.mlflow_pointer(uri, run.experiment_id, run_id)

@@ -45,6 +45,7 @@ from grpo.errors import TrackingError, TrackingReadError
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 PARAMS_PER_BATCH = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
+DATASET_DIGEST_CHARS = 16  # of the content hash; MLflow keeps at most 36
 METRICS_PER_BATCH = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 HEALTH_TIMEOUT_S = 3.0
 MIGRATION_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
@@ -269,6 +270,37 @@ def start_run(
     if params:
         log_params(uri, run.info.run_id, params)
     return run.info.run_id
+
+
+def log_dataset_inputs(uri: str, run_id: str, task: str, source: str, splits: Mapping[str, str], digest: str) -> None:
+    """The prepared splits (`{"train": parquet path, ...}`) as the run's MLflow dataset inputs: the
+    Datasets column of the UI and the lineage of every version registered from the run. Each is
+    named `<task>/<split>` with the splits' content hash as digest and the environment (and
+    `data.source`) as source. Inputs the run already has (a retry, a resumed run) are not added twice."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client = _client(uri)
+    with _errors(f"dataset inputs of MLflow run {run_id}"):
+        have = {(d.dataset.name, d.dataset.digest) for d in client.get_run(run_id).inputs.dataset_inputs}
+        inputs = []
+        for split, path in splits.items():
+            name, short = f"{task}/{split}", digest[:DATASET_DIGEST_CHARS]
+            if (name, short) in have:
+                continue
+            origin = CodeDatasetSource({"task": task, "data.source": source, "split": split})
+            frame = mlflow.data.from_pandas(pd.read_parquet(path), source=origin, name=name, digest=short)
+            entity = Dataset(
+                name=name, digest=short, source_type="code", source=origin.to_json(),
+                schema=json.dumps({"mlflow_colspec": frame.schema.to_dict()}) if frame.schema else None,
+                profile=json.dumps(frame.profile) if frame.profile else None,
+            )
+            context = InputTag(key="mlflow.data.context", value="training" if split == "train" else "evaluation")
+            inputs.append(DatasetInput(entity, tags=[context]))
+        if inputs:
+            client.log_inputs(run_id, datasets=inputs)
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:

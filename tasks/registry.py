@@ -14,7 +14,7 @@ from prefect import task
 
 from grpo.checkpoint import CheckpointRef
 from grpo.config import RunConfig
-from grpo.countdown import DatasetRef
+from grpo.data import DatasetRef
 from grpo.evaluate import EvalResult
 from grpo.stages import registry, runs
 from grpo.stages.registry import HeldOutSplit, PromotionCandidates, PromotionDecision, Registration
@@ -24,11 +24,15 @@ from grpo_pipeline.tasks.retry import RETRY_OPTIONS
 
 @task(name="open-mlflow-run", **RETRY_OPTIONS)
 def open_run(
-    config: RunConfig, tracking_uri: str, flow_run_id: str | None = None, resume_run_id: str | None = None
+    config: RunConfig,
+    tracking_uri: str,
+    flow_run_id: str | None = None,
+    resume_run_id: str | None = None,
+    dataset: DatasetRef | None = None,
 ) -> TrackedRun:
     """The MLflow run of this flow run (found again when the flow run is retried; the interrupted
-    run `resume_run_id` when given)."""
-    return runs.open_run(config, tracking_uri, flow_run_id, resume_run_id)
+    run `resume_run_id` when given), with the prepared splits as its dataset inputs."""
+    return runs.open_run(config, tracking_uri, flow_run_id, resume_run_id, dataset)
 
 
 @task(name="close-mlflow-run", **RETRY_OPTIONS)

@@ -55,6 +55,14 @@ EXPERIMENT = "served-tiny"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+CUSTOM_REWARD = '''
+def short_answer(completions, **columns):
+    """1.0 for a completion under 40 characters, else 0.0."""
+    return [float(len(c) < 40) for c in completions]
+'''
+CUSTOM_REWARDS = ["format", "equation", "team_rewards:short_answer"]
+
+
 @dataclass
 class Stack:
     prefect: PrefectServer
@@ -68,9 +76,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("servers")
     work = tmp / "work"
     work.mkdir()
+    # A team's own reward, importable only by the serving process (its PYTHONPATH names the folder),
+    # as docs say a worker must see it; the finetune run below names it by import path.
+    (work / "team_rewards.py").write_text(CUSTOM_REWARD)
+    pythonpath = os.pathsep.join([str(ROOT), str(work)])
     pf, ml = make_prefect_server(tmp / "prefect"), make_mlflow_server(tmp / "mlflow")
     with start_servers(pf, ml, timeout=150):
-        with serve_deployments(pf, cwd=work, env={"MLFLOW_TRACKING_URI": ml.url}, timeout=120) as sv:
+        env = {"MLFLOW_TRACKING_URI": ml.url, "PYTHONPATH": pythonpath}
+        with serve_deployments(pf, cwd=work, env=env, timeout=120) as sv:
             yield Stack(pf, ml, sv, work)
 
 
@@ -120,7 +133,8 @@ def finetune_run(stack: Stack, tiny_model_dir: Path) -> Any:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect.api_url}):
-        return trigger(stack, {"config": tiny_config(stack, tiny_model_dir, "served-tiny-run")}, timeout=300)
+        config = tiny_config(stack, tiny_model_dir, "served-tiny-run", rewards=CUSTOM_REWARDS)
+        return trigger(stack, {"config": config}, timeout=300)
 
 
 def read_deployment(name: str) -> Any:
@@ -209,6 +223,10 @@ def test_run_deployment_completes_and_logs_to_mlflow_server(stack: Stack, finetu
     assert mrun.data.params["train.group_size"] == "4"
     steps = [m.step for m in client.get_metric_history(mrun.info.run_id, "reward_mean")]
     assert sorted(steps) == [1, 2]
+    # The reward named by import path was imported on the serving process and logged per step.
+    custom = client.get_metric_history(mrun.info.run_id, "reward/short_answer")
+    assert sorted(m.step for m in custom) == [1, 2] and all(0.0 <= m.value <= 1.0 for m in custom)
+    assert json.loads(mrun.data.params["train.rewards"]) == CUSTOM_REWARDS
     assert client.get_metric_history(mrun.info.run_id, "eval/accuracy")
     # Artifacts went through the server (served artifacts), e.g. the curves image.
     names = {f.path for f in client.list_artifacts(mrun.info.run_id, "plots")}

@@ -25,7 +25,8 @@ from pydantic import BaseModel
 from grpo import tracking
 from grpo.checkpoint import CheckpointRef
 from grpo.config import EvalConfig, RunConfig
-from grpo.countdown import DatasetRef, load_split, prepare_dataset
+from grpo.data import DatasetRef, load_split, prepare_dataset
+from grpo.envs import env_for
 from grpo.errors import TrackingError, TrainingDiverged
 from grpo.evaluate import EvalResult, evaluate, mcnemar
 from grpo.stages.runs import FLOW_RUN_TAG, RUN_FINISHED_TAG, run_config
@@ -119,7 +120,7 @@ def register_elite(
     version of this run (the first evaluation always does).
 
     The adapter is logged as an MLflow LoggedModel linked to the step and eval metrics, then
-    registered under `pipeline.registered_model` with tags: base_model, dataset_hash, test_path,
+    registered under `pipeline.registered_model` with tags: base_model, task, dataset_hash, test_path,
     step, round, eval_accuracy, eval_format_rate, run_id, prefect_flow_run_id. A repeated call
     for the same (run, step) returns the version made the first time.
     """
@@ -156,7 +157,7 @@ def register_elite(
         "lora_alpha": cfg.lora.alpha,
     }
     if dataset_ref is not None:
-        tags.update(dataset_hash=dataset_ref.content_hash, test_path=dataset_ref.test_path)
+        tags.update(dataset_hash=dataset_ref.content_hash, test_path=dataset_ref.test_path, task=dataset_ref.task)
     model_id = tracking.log_adapter_model(
         tracking_uri, run_id, ckpt_ref.path, name=f"{cfg.name}-step-{ckpt_ref.step}", step=ckpt_ref.step,
         metrics=eval_result.metrics(), tags=tags, key=key,
@@ -216,7 +217,7 @@ def held_out(
     vcfg, tags = version_config(tracking_uri, model_name, version, cfg)
     path = tags.get("test_path")
     if not (path and Path(path).is_file()):
-        path = prepare_dataset(vcfg.data).test_path
+        path = prepare_dataset(vcfg.data, env_for(vcfg)).test_path
     return HeldOutSplit(test_path=path, eval=cfg.eval if cfg is not None else vcfg.eval)
 
 

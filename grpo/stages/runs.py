@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError, computed_field
 from grpo import tracking
 from grpo.checkpoint import CheckpointRef
 from grpo.config import RunConfig
+from grpo.data import DatasetRef
 from grpo.errors import ConfigError
 from grpo.evaluate import EvalResult
 
@@ -100,12 +101,16 @@ def _process_tags() -> dict[str, str]:
 
 
 def open_run(
-    cfg: RunConfig, tracking_uri: str, flow_run_id: str | None = None, resume_run_id: str | None = None
+    cfg: RunConfig,
+    tracking_uri: str,
+    flow_run_id: str | None = None,
+    resume_run_id: str | None = None,
+    dataset: DatasetRef | None = None,
 ) -> TrackedRun:
     """The MLflow run of this flow run: `resume_run_id` when given (an interrupted run continued by
     a new flow run, see `check_resumable`), else the run tagged with this `prefect_flow_run_id` (a
     retried flow run continues its run), else a new run with the config as params and as
-    `config.json`."""
+    `config.json`. The prepared splits of `dataset` become the run's dataset inputs."""
     exp = cfg.pipeline.experiment
     experiment_id = tracking.make_experiment(tracking_uri, exp)
     if resume_run_id is not None:
@@ -117,10 +122,17 @@ def open_run(
         tracking.reopen_run(tracking_uri, found)
         tags = _process_tags() | ({FLOW_RUN_TAG: flow_run_id} if flow_run_id else {})
         tracking.set_tags(tracking_uri, found, tags)
-        return TrackedRun(run_id=found, experiment_id=experiment_id, tracking_uri=tracking_uri)
-    tags = {FLOW_RUN_TAG: str(flow_run_id or ""), "base_model": cfg.model.name_or_path, **_process_tags()}
-    run_id = tracking.start_run(tracking_uri, exp, cfg.name, tags=tags, params=cfg.flat())
-    tracking.log_dict(tracking_uri, run_id, cfg.model_dump(mode="json"), CONFIG_ARTIFACT)
+        run_id = found
+    else:
+        tags = {FLOW_RUN_TAG: str(flow_run_id or ""), "base_model": cfg.model.name_or_path, "task": cfg.task.name,
+                **_process_tags()}
+        run_id = tracking.start_run(tracking_uri, exp, cfg.name, tags=tags, params=cfg.flat())
+        tracking.log_dict(tracking_uri, run_id, cfg.model_dump(mode="json"), CONFIG_ARTIFACT)
+    if dataset is not None:
+        tracking.log_dataset_inputs(
+            tracking_uri, run_id, dataset.task, dataset.source,
+            {"train": dataset.train_path, "test": dataset.test_path}, dataset.content_hash,
+        )
     return TrackedRun(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
 
 
