@@ -34,6 +34,8 @@ def test_help_is_fast_and_does_not_import_prefect() -> None:
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("usage: grpo"), out.stdout
     assert "--set KEY=VALUE" in _run("run", "--help").stdout
+    top = _run("--help").stdout
+    assert all(env in top for env in ("countdown", "reasoning_gym:<dataset>", "dataset")), top
     code = (
         "import sys, grpo_pipeline.cli as c; c.build_parser(); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'torch', 'mlflow')))"
