@@ -18,11 +18,14 @@ T completion tokens, V vocabulary.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import inspect
 import logging
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,13 +311,82 @@ VLLM_MISSING = "generation.backend=vllm needs the vllm extra: pip install 'grpo-
 _LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
+class EngineCache:
+    """The process's one vLLM engine, shared by every `VLLMGenerator` (training rounds,
+    evaluations, promotion): building an engine costs tens of seconds and, in-process, vLLM's
+    sleep-mode allocator allows one per process. A request for different engine settings shuts
+    the current engine down first. LoRA ids are counted per engine, so that adapters synced by
+    different generators never share an id (vLLM caches adapters by id)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self.engine: Any = None
+        self._lora_id = 0
+
+    def get(self, factory: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """The engine `factory(**kwargs)` builds, built once while the same settings are asked for."""
+        key = (factory, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        if self.engine is None or key != self._key:
+            self.close()
+            log.info("vLLM: building the engine (%s)", ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items())))
+            self.engine, self._key, self._lora_id = factory(**kwargs), key, 0
+        return self.engine
+
+    def next_lora_id(self) -> int:
+        self._lora_id += 1
+        return self._lora_id
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (the engine core, then CUDA's cache)."""
+        engine, self.engine, self._key = self.engine, None, None
+        if engine is None:
+            return
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+ENGINES = EngineCache()
+"""The process's vLLM engine (see `EngineCache`); `close_engines()` at the end of a process."""
+
+
+def close_engines() -> None:
+    """Shut down the process's vLLM engine, if any (also run at interpreter exit)."""
+    ENGINES.close()
+
+
+atexit.register(close_engines)
+
+
+def _distributed_engine_kwargs(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """Under torchrun / accelerate (WORLD_SIZE > 1): vLLM's `external_launcher` executor, so that
+    each rank's engine runs in the rank's own process on its own device (the default executor
+    would put every rank's engine on device 0), seeded by the rank as TRL does."""
+    world = int(environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return {}
+    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in environ]
+    if missing:
+        raise UserError(
+            f"generation.backend=vllm with WORLD_SIZE={world}: {', '.join(missing)} not set; start the "
+            "ranks with torchrun or accelerate launch"
+        )
+    return {"distributed_executor_backend": "external_launcher", "seed": int(environ["RANK"])}
+
+
 class VLLMGenerator:
     """A colocated vLLM engine that samples with the current LoRA adapter.
 
     `engine_factory`, `sampling_params_cls` and `lora_request_cls` default to `vllm.LLM`,
-    `vllm.SamplingParams` and `vllm.lora.request.LoRARequest`; tests pass fakes.
-    Call `sync_weights(model)` after every optimizer step, `sleep()` before training and
-    `wake()` after it (both no-ops unless `generation.vllm.sleep_mode`).
+    `vllm.SamplingParams` and `vllm.lora.request.LoRARequest`; tests pass fakes. The engine is the
+    process's shared one (`ENGINES`). Call `sync_weights(model)` after every optimizer step and
+    `sleep()` after sampling (the trainer does both); `generate` wakes the engine (no-ops unless
+    `generation.vllm.sleep_mode`). Each prompt gets its own seed, so that the j-th samples of
+    different prompts (vLLM seeds child j with seed + j) do not share a random stream.
     """
 
     def __init__(
@@ -329,6 +401,7 @@ class VLLMGenerator:
         lora_request_cls: Callable[..., Any] | None = None,
         adapter_root: str | None = None,
         seed: int = 0,
+        engines: EngineCache = ENGINES,
     ) -> None:
         if engine_factory is None or sampling_params_cls is None or lora_request_cls is None:
             try:
@@ -352,55 +425,67 @@ class VLLMGenerator:
         self.adapter_root = Path(adapter_root or tempfile.mkdtemp(prefix="grpo-vllm-lora-"))
         self.adapter_root.mkdir(parents=True, exist_ok=True)
         self.lora_request: Any = None
-        self._lora_id = 0
+        self._folder: Path | None = None
+        self.engines = engines
 
         self.device = next(model.parameters()).device
         rank = _lora_rank(model)
         base = ensure_base_model(model_cfg)
         v = gen.vllm
-        self.llm = engine_factory(
-            model=base,
-            tokenizer=base,
-            revision=model_cfg.revision,
-            dtype=model_cfg.dtype,
-            gpu_memory_utilization=v.gpu_memory_utilization,
-            max_model_len=v.max_model_len,
-            max_num_seqs=v.max_num_seqs,
-            enable_lora=True,
-            max_loras=1,
-            max_lora_rank=next((r for r in _LORA_RANKS if r >= rank), rank),
-            enable_sleep_mode=v.sleep_mode,
-            seed=seed,
-        )
+        kwargs = {
+            "model": base,
+            "tokenizer": base,
+            "revision": model_cfg.revision,
+            "dtype": model_cfg.dtype,
+            "gpu_memory_utilization": v.gpu_memory_utilization,
+            "max_model_len": v.max_model_len,
+            "max_num_seqs": v.max_num_seqs,
+            "enable_lora": True,
+            "max_loras": 1,
+            "max_lora_rank": next((r for r in _LORA_RANKS if r >= rank), rank),
+            "enable_sleep_mode": v.sleep_mode,
+            "seed": seed,
+            **_distributed_engine_kwargs(),
+        }
+        self.llm = engines.get(engine_factory, kwargs)
+        self.sleeping = False
         self.sync_weights(model)
 
     def sync_weights(self, model: Any) -> None:
-        """Save the adapter to a fresh folder and point a new LoRA id at it (vLLM caches by id)."""
-        self._lora_id += 1
-        folder = self.adapter_root / f"adapter-{self._lora_id:06d}"
+        """Save the adapter to a fresh folder and point a new LoRA id at it (vLLM caches by id;
+        ids are unique per engine, across generators)."""
+        lora_id = self.engines.next_lora_id()
+        folder = self.adapter_root / f"adapter-{lora_id:06d}"
         model.save_pretrained(str(folder))
-        previous = self.lora_request
-        self.lora_request = self.lora_request_cls(f"policy-{self._lora_id}", self._lora_id, str(folder))
+        previous, self._folder = self._folder, folder
+        self.lora_request = self.lora_request_cls(f"policy-{lora_id}", lora_id, str(folder))
         if previous is not None:
-            shutil.rmtree(self.adapter_root / f"adapter-{self._lora_id - 1:06d}", ignore_errors=True)
+            shutil.rmtree(previous, ignore_errors=True)
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory for training (weights to CPU, KV cache dropped)."""
+        """Free the engine's GPU memory for training (level 1: weights to CPU, KV cache dropped;
+        level 2 would drop the base weights, which this backend never sends again)."""
         if self.sleep_mode and not self.sleeping:
             self.llm.sleep(level=1)
             self.sleeping = True
 
     def wake(self) -> None:
-        """Bring the engine back after training."""
+        """Bring the engine back before generating, after returning the trainer's cached CUDA
+        blocks (freed activations) to the device so that the engine can take them."""
         if self.sleeping:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             self.llm.wake_up()
             self.sleeping = False
 
     def close(self) -> None:
-        """Drop the engine and the adapter folders this generator created."""
+        """Delete this generator's adapter folders; the shared engine stays for the next user
+        (`close_engines()` shuts it down)."""
         self.llm = None
         if self._own_root:
             shutil.rmtree(self.adapter_root, ignore_errors=True)
+        elif self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
     def sampling_params(
         self, num_samples: int, *, greedy: bool, max_new_tokens: int, min_new_tokens: int, seed: int | None
@@ -431,12 +516,16 @@ class VLLMGenerator:
         if self.sleeping:
             self.wake()
         max_new = self.gen.max_new_tokens if max_new_tokens is None else max_new_tokens
-        seed = None
-        if generator is not None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
-        params = self.sampling_params(
-            num_samples, greedy=greedy, max_new_tokens=max_new, min_new_tokens=min_new_tokens, seed=seed
-        )
+        seeds: list[int | None] = [None] * len(prompts)
+        if generator is not None and not greedy:
+            base = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+            seeds = [(base + i * num_samples) % 2**31 for i in range(len(prompts))]  # children: seed + j
+        params = [
+            self.sampling_params(
+                num_samples, greedy=greedy, max_new_tokens=max_new, min_new_tokens=min_new_tokens, seed=seed
+            )
+            for seed in seeds
+        ]
         uniq, inverse = _unique(prompts)
         u_ids, u_mask = tokenize_prompts(self.tokenizer, uniq)  # (U, P), (U, P)
         token_lists = [ids[m.bool()].tolist() for ids, m in zip(u_ids, u_mask)]
@@ -448,7 +537,6 @@ class VLLMGenerator:
         )
         rows = torch.tensor(inverse).repeat_interleave(num_samples)  # (N,)
         completions = [list(c.token_ids) for o in outputs for c in o.outputs]
-        reasons = [c.finish_reason for o in outputs for c in o.outputs]
         n = len(completions)
         if n != len(prompts) * num_samples:
             raise RuntimeError(f"vLLM returned {n} completions for {len(prompts)} prompts x {num_samples}")
@@ -460,6 +548,9 @@ class VLLMGenerator:
             completion_mask[i, : len(c)] = 1
         stop_set = set(self.stop_ids)
         stopped = [bool(c) and c[-1] in stop_set for c in completions]
+        # vLLM puts the stop token last in token_ids (not in text); a completion is truncated when it
+        # did not stop, whatever finish_reason says (older releases said "length" for a stop token
+        # that came exactly at max_tokens).
         texts = _completion_texts(self.tokenizer, completions, [len(c) for c in completions], stopped)
         dev = self.device
         return Rollout(
@@ -468,7 +559,7 @@ class VLLMGenerator:
             completion_ids=completion_ids.to(dev),
             completion_mask=completion_mask.to(dev),
             texts=texts,
-            truncated=torch.tensor([r == "length" for r in reasons], dtype=torch.bool, device=dev),
+            truncated=torch.tensor([not s for s in stopped], dtype=torch.bool, device=dev),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from grpo.errors import UserError
 from grpo.models import build_tiny_model, load_base_model, load_policy, stop_token_ids
 from grpo.rollout import (
     VLLM_MISSING,
+    EngineCache,
     Rollout,
     TransformersGenerator,
     VLLMGenerator,
@@ -322,10 +324,10 @@ class FakeLLM:
     def generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm=True):
         assert not self.asleep, "generate on a sleeping engine"
         assert (Path(lora_request.lora_path) / "adapter_model.safetensors").is_file()
+        assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)  # one per prompt
         self.calls.append(("generate", lora_request.lora_int_id, sampling_params))
-        sp = sampling_params
         outs = []
-        for i, p in enumerate(prompts):
+        for i, (p, sp) in enumerate(zip(prompts, sampling_params)):
             ids = p["prompt_token_ids"]
             samples = []
             for j in range(sp.n):
@@ -339,14 +341,18 @@ class FakeLLM:
         return outs
 
 
-def fake_vllm(model, tok, gen: GenerationConfig, model_cfg: ModelConfig, tmp_path: Path) -> VLLMGenerator:
+def fake_vllm(
+    model, tok, gen: GenerationConfig, model_cfg: ModelConfig, tmp_path: Path, engines: EngineCache | None = None,
+    factory: Any = None,
+) -> VLLMGenerator:
     stop = stop_token_ids(tok)[0]
     return VLLMGenerator(
         model, tok, gen, model_cfg,
-        engine_factory=lambda **kw: FakeLLM(tok, stop, **kw),
+        engine_factory=factory or (lambda **kw: FakeLLM(tok, stop, **kw)),
         sampling_params_cls=FakeSamplingParams,
         lora_request_cls=FakeLoRARequest,
         adapter_root=str(tmp_path / "adapters"),
+        engines=engines or EngineCache(),
     )
 
 
@@ -361,16 +367,75 @@ def test_vllm_engine_options_and_sampling_params(policy, cfg: RunConfig, tmp_pat
     assert kw["gpu_memory_utilization"] == 0.25 and kw["max_model_len"] == 1024
     assert kw["max_lora_rank"] >= cfg.lora.r and kw["dtype"] == "float32"
 
-    v.generate(["a", "b"], 4, max_new_tokens=9, min_new_tokens=2, generator=torch.Generator().manual_seed(0))
-    sp = llm.calls[-1][2]
-    assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_tokens, sp.min_tokens) == (4, 0.7, 0.9, -1, 9, 2)
-    assert isinstance(sp.seed, int) and set(sp.stop_token_ids) == set(stop_token_ids(tok))
+    assert "distributed_executor_backend" not in kw  # one process: vLLM's own executor
+
+    v.generate(["a", "b", "a"], 4, max_new_tokens=9, min_new_tokens=2, generator=torch.Generator().manual_seed(0))
+    sps = llm.calls[-1][2]
+    for sp in sps:
+        assert (sp.n, sp.temperature, sp.top_p, sp.top_k, sp.max_tokens, sp.min_tokens) == (4, 0.7, 0.9, -1, 9, 2)
+        assert isinstance(sp.seed, int) and set(sp.stop_token_ids) == set(stop_token_ids(tok))
+    # One seed per prompt, spaced by the group size: vLLM seeds child j with seed + j, so no two
+    # samples of the step (even of a repeated prompt) share a random stream.
+    children = [sp.seed + j for sp in sps for j in range(4)]
+    assert len(set(children)) == 12
     v.generate(["a"], 2, greedy=True)
-    sp = llm.calls[-1][2]
+    (sp,) = llm.calls[-1][2]
     assert (sp.temperature, sp.top_k, sp.max_tokens, sp.seed) == (0.0, -1, 16, None)
     v2 = fake_vllm(model, tok, gen_cfg(top_k=5), cfg.model, tmp_path / "v2")
     v2.generate(["a"], 2)
-    assert FakeLLM.instances[-1].calls[-1][2].top_k == 5
+    assert FakeLLM.instances[-1].calls[-1][2][0].top_k == 5
+
+
+def test_vllm_engine_under_torchrun_uses_the_external_launcher(
+    policy, cfg: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each rank's engine in the rank's own process on its own device (not all on device 0)."""
+    model, tok = policy
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(key, value)
+    fake_vllm(model, tok, gen_cfg(), cfg.model, tmp_path)
+    kw = FakeLLM.instances[-1].kwargs
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["seed"] == 1
+    monkeypatch.delenv("MASTER_PORT")
+    with pytest.raises(UserError, match="MASTER_PORT not set"):
+        fake_vllm(model, tok, gen_cfg(), cfg.model, tmp_path / "b")
+
+
+def test_one_engine_per_process_shared_by_generators(policy, cfg: RunConfig, tmp_path: Path) -> None:
+    """A training round's generator and an evaluation's share the engine; their adapters never
+    share a LoRA id; other settings replace the engine (shut down first); close frees it."""
+    model, tok = policy
+    stop = stop_token_ids(tok)[0]
+    shutdowns: list[int] = []
+
+    class Core:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def shutdown(self) -> None:
+            shutdowns.append(self.n)
+
+    def factory(**kw: Any) -> FakeLLM:
+        llm = FakeLLM(tok, stop, **kw)
+        llm.llm_engine = SimpleNamespace(engine_core=Core(len(FakeLLM.instances)))
+        return llm
+
+    engines = EngineCache()
+    train = fake_vllm(model, tok, gen_cfg(), cfg.model, tmp_path / "t", engines, factory)
+    evaluation = fake_vllm(model, tok, gen_cfg(), cfg.model, tmp_path / "e", engines, factory)
+    assert train.llm is evaluation.llm and FakeLLM.instances[-1] is train.llm  # built once
+    train.sync_weights(model)
+    assert [train.lora_request.lora_int_id, evaluation.lora_request.lora_int_id] == [3, 2]
+    first = train.llm
+    other = fake_vllm(model, tok, gen_cfg(vllm={"max_model_len": 512}), cfg.model, tmp_path / "o", engines, factory)
+    assert other.llm is not first and shutdowns == [first.llm_engine.engine_core.n]
+    assert other.lora_request.lora_int_id == 1
+    engines.close()
+    assert len(shutdowns) == 2 and engines.engine is None
+    folder = Path(evaluation.lora_request.lora_path)
+    evaluation.close()
+    assert not folder.exists()  # its adapter folder is deleted
 
 
 def test_vllm_rollout_from_outputs(policy, prompts, cfg: RunConfig, tmp_path: Path) -> None:
