@@ -102,7 +102,7 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights dtype; bfloat16 on GPU, float32 on CPU."
+        "float32", description="Weights dtype; bfloat16 on GPU, float32 on CPU (float16: not for training)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available.")
 
@@ -194,7 +194,11 @@ class DataConfig(Section):
 class VLLMConfig(Section):
     """Options of the vLLM backend (GPU only; the `vllm` extra)."""
 
-    max_num_seqs: int = Field(4, ge=1, description="Concurrent sequences in the engine.")
+    max_num_seqs: int | None = Field(
+        None, ge=1,
+        description="Concurrent sequences in the engine; None = a whole step's B*G completions (and at "
+        "least eval.batch_size), so that a step's generation runs in one wave.",
+    )
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="Share of GPU memory.")
     max_model_len: int = Field(1024, ge=16, description="Prompt + completion tokens.")
     sleep_mode: bool = Field(True, description="Sleep the engine during training to free memory.")
@@ -246,6 +250,11 @@ class TrainConfig(Section):
     )
     num_iterations: int = Field(1, ge=1, description="Update epochs per rollout batch.")
     mask_truncated: bool = Field(False, description="Drop completions that hit max_new_tokens.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass instead of keeping them (less GPU memory, "
+        "about a third more compute); for the transformers model path.",
+    )
     rewards: list[str] | None = Field(
         None,
         description="Rewards: the task's (correct; countdown: equation), registered ones (format) or "
@@ -374,6 +383,18 @@ class RunConfig(Section):
             self.pipeline.experiment = f"grpo-{env.slug}"
         if self.pipeline.registered_model is None:
             self.pipeline.registered_model = f"{env.slug}-lora"
+        if self.generation.vllm.max_num_seqs is None:
+            step = self.train.prompts_per_step * self.train.group_size
+            self.generation.vllm.max_num_seqs = max(step, self.eval.batch_size)
+        if self.model.dtype == "float16":
+            raise ValueError(
+                "model.dtype: float16 trains without loss scaling (gradients underflow); use bfloat16 on a "
+                "GPU or float32"
+            )
+        if self.generation.backend == "vllm" and self.generation.temperature > 2:
+            raise ValueError(
+                f"generation.temperature {self.generation.temperature:g}: vLLM accepts at most 2; lower it"
+            )
         weights, rewards = self.train.reward_weights, self.train.rewards or list(env.default_rewards)
         if weights is not None and len(weights) != len(rewards):
             raise ValueError(

@@ -3,8 +3,9 @@
     trainer = GRPOTrainer(cfg, model, tokenizer, train_rows)
     trainer.train(num_steps=10, on_step=print)
 
-One step: sample -> score -> advantages -> old/reference log-probs -> loss + optimizer step ->
-sync weights to the generator (see `GRPOTrainer.step`).
+One step: sample (then the generator sleeps: a vLLM engine frees its memory) -> score ->
+advantages -> old/reference log-probs -> loss + optimizer step -> sync weights to the generator
+(see `GRPOTrainer.step`).
 
 Resumability: the data order is a seeded permutation per epoch, and the random state at the start
 of step `s` is seeded from (train.seed, s). A step therefore depends only on the adapter weights,
@@ -151,6 +152,9 @@ class GRPOTrainer:
         self.grad_hook: Callable[[list[torch.Tensor]], None] | None = (
             average_gradients if world_size > 1 else None
         )
+        if t.gradient_checkpointing:  # the frozen base needs grad-requiring inputs for the recompute
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
 
     # -- state -------------------------------------------------------------------------------
 
@@ -199,7 +203,7 @@ class GRPOTrainer:
         by the fast path when the generator has one (`grpo.fastpath`), else the plain path."""
         args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
         kw = {"temperature": self.cfg.generation.temperature, "micro_batch_size": self.cfg.train.micro_batch_size}
-        fast = getattr(self.generator, "fast", None)
+        fast = self.fast
         if fast is not None:
             return completion_logprobs_fast(fast, *args, use_adapter=adapter, **kw)  # (N, T)
         if adapter:
@@ -224,7 +228,7 @@ class GRPOTrainer:
         self, rollout: Rollout, adv: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None
     ) -> dict[str, float]:
         self.model.train()
-        fast = getattr(self.generator, "fast", None)
+        fast = self.fast
         return policy_update(
             self.model,
             self.optimizer,
@@ -241,6 +245,12 @@ class GRPOTrainer:
         )
 
     @property
+    def fast(self) -> Any:
+        """The fast path's model when the generator has one and gradient checkpointing is off (the
+        fast path keeps every activation), else None: the plain transformers path."""
+        return None if self.cfg.train.gradient_checkpointing else getattr(self.generator, "fast", None)
+
+    @property
     def generator_device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -254,6 +264,7 @@ class GRPOTrainer:
         with clock("generation"):
             batch = self.next_batch()
             rollout = self.sample(batch, seed)  # texts: N = B*G
+            self.generator.sleep()  # vLLM frees its memory for the passes below; generate wakes it
         with clock("score"):
             columns = batch.repeat(self.cfg.train.group_size)
             columns["completion_ids"] = [

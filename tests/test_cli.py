@@ -90,6 +90,14 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             "model.name_or_path: cannot load 'no-such-org/no-such-model'",
         ),
         "unwritable output": ([f"pipeline.output_dir={blocker / 'runs'}"], "pipeline.output_dir: cannot write"),
+        "too long for the model": (
+            ["generation.max_new_tokens=1020"],
+            "generation.max_new_tokens: the longest prompt (",
+        ),
+        "float16 training": (["model.dtype=float16"], "model.dtype: float16 trains without loss scaling"),
+        "vllm temperature": (
+            ["generation.backend=vllm", "generation.temperature=2.5"], "vLLM accepts at most 2",
+        ),
         "dead tracking": (
             [f"pipeline.tracking_uri=http://127.0.0.1:{port}"],
             f"pipeline.tracking_uri: MLflow at http://127.0.0.1:{port} does not answer",
@@ -98,7 +106,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize("case", ["unknown key", "group size", "no target column", "hub model offline",
-                                  "unwritable output", "dead tracking"])
+                                  "unwritable output", "dead tracking", "too long for the model",
+                                  "float16 training", "vllm temperature"])
 def test_bad_input_fails_before_training_in_one_line(
     case: str, valid: list[str], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
