@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test lint system-deps bench install clean
+.PHONY: run test lint system-deps bench install install-gpu check-gpu-deps clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,16 @@ lint: $(STAMP)         ## ruff (configured in pyproject.toml)
 
 system-deps:           ## system packages of the browser tests (Debian's chromium; needs root)
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+install-gpu:           ## a GPU environment in .venv-gpu: vLLM 0.33 with its CUDA torch 2.14 (no CPU torch)
+	python3 -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -q --upgrade pip
+	.venv-gpu/bin/python -m pip install -q -e '.[vllm,dev]'
+
+check-gpu-deps: $(STAMP)  ## pip's resolver on the vllm extra, a dry run (nothing installed): a conflict fails here
+	mkdir -p artifacts
+	$(PY) -m pip install -q --dry-run --ignore-installed --report artifacts/gpu-deps.json '.[vllm]'
+	$(PY) -c "import json; r = json.load(open('artifacts/gpu-deps.json')); v = {i['metadata']['name'].lower(): i['metadata']['version'] for i in r['install']}; print('vllm extra resolves:', ', '.join(f'{k} {v[k]}' for k in ('vllm', 'torch', 'transformers', 'prefect', 'fastapi', 'mlflow')))"
 
 bench: $(STAMP)        ## side-by-side speed against TRL's GRPOTrainer
 	$(PY) benchmarks/run.py
