@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         code = 0
     finally:
+        from grpo.rollout import close_engines
+
+        close_engines()  # an in-process vLLM engine holds process groups of its own: it goes first
         dp.shutdown()
     if code == 0 and summary["checkpoint"]:
         print(f"checkpoint: {summary['checkpoint']}")
