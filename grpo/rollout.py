@@ -322,6 +322,8 @@ class EngineCache:
         self._key: tuple | None = None
         self.engine: Any = None
         self._lora_id = 0
+        self.sleeping = False
+        """Whether the engine sleeps (the engine's state, shared by every generator that uses it)."""
 
     def get(self, factory: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         """The engine `factory(**kwargs)` builds, built once while the same settings are asked for."""
@@ -329,7 +331,7 @@ class EngineCache:
         if self.engine is None or key != self._key:
             self.close()
             log.info("vLLM: building the engine (%s)", ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items())))
-            self.engine, self._key, self._lora_id = factory(**kwargs), key, 0
+            self.engine, self._key, self._lora_id, self.sleeping = factory(**kwargs), key, 0, False
         return self.engine
 
     def next_lora_id(self) -> int:
@@ -338,7 +340,7 @@ class EngineCache:
 
     def close(self) -> None:
         """Shut the engine down and free its memory (the engine core, then CUDA's cache)."""
-        engine, self.engine, self._key = self.engine, None, None
+        engine, self.engine, self._key, self.sleeping = self.engine, None, None, False
         if engine is None:
             return
         core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
@@ -420,7 +422,6 @@ class VLLMGenerator:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
         self.sleep_mode = gen.vllm.sleep_mode
-        self.sleeping = False
         self._own_root = adapter_root is None
         self.adapter_root = Path(adapter_root or tempfile.mkdtemp(prefix="grpo-vllm-lora-"))
         self.adapter_root.mkdir(parents=True, exist_ok=True)
@@ -448,8 +449,12 @@ class VLLMGenerator:
             **_distributed_engine_kwargs(),
         }
         self.llm = engines.get(engine_factory, kwargs)
-        self.sleeping = False
         self.sync_weights(model)
+
+    @property
+    def sleeping(self) -> bool:
+        """Whether the shared engine sleeps (another generator may have put it to sleep)."""
+        return self.engines.sleeping
 
     def sync_weights(self, model: Any) -> None:
         """Save the adapter to a fresh folder and point a new LoRA id at it (vLLM caches by id;
@@ -467,7 +472,7 @@ class VLLMGenerator:
         level 2 would drop the base weights, which this backend never sends again)."""
         if self.sleep_mode and not self.sleeping:
             self.llm.sleep(level=1)
-            self.sleeping = True
+            self.engines.sleeping = True
 
     def wake(self) -> None:
         """Bring the engine back before generating, after returning the trainer's cached CUDA
@@ -476,7 +481,7 @@ class VLLMGenerator:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self.llm.wake_up()
-            self.sleeping = False
+            self.engines.sleeping = False
 
     def close(self) -> None:
         """Delete this generator's adapter folders; the shared engine stays for the next user

@@ -427,6 +427,10 @@ def test_one_engine_per_process_shared_by_generators(policy, cfg: RunConfig, tmp
     assert train.llm is evaluation.llm and FakeLLM.instances[-1] is train.llm  # built once
     train.sync_weights(model)
     assert [train.lora_request.lora_int_id, evaluation.lora_request.lora_int_id] == [3, 2]
+    train.generate(["a"], 2)
+    train.sleep()  # training put the engine to sleep: the evaluation's generator wakes it to sample
+    evaluation.generate(["a"], 2)
+    assert [c[0] for c in train.llm.calls] == ["generate", "sleep", "wake_up", "generate"]
     first = train.llm
     other = fake_vllm(model, tok, gen_cfg(vllm={"max_model_len": 512}), cfg.model, tmp_path / "o", engines, factory)
     assert other.llm is not first and shutdowns == [first.llm_engine.engine_core.n]
