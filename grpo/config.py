@@ -228,6 +228,20 @@ class GenerationConfig(Section):
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
 
+class ImportanceSamplingConfig(Section):
+    """Correction for the sampler (vLLM) not being exactly the trained policy (different kernels,
+    bfloat16): each token's surrogate is weighted by exp(trainer - sampler log-prob), capped."""
+
+    enabled: bool | None = Field(
+        None, description="None = on with generation.backend=vllm (as TRL), off where the trainer itself samples."
+    )
+    level: Literal["token", "sequence"] = Field("sequence", description="Ratio per token, or per sequence (mean).")
+    mode: Literal["truncate", "mask"] = Field(
+        "mask", description="Above the cap: truncate to it (TIS) or mask the token/sequence out (TRL's default)."
+    )
+    cap: float = Field(3.0, gt=1.0, description="The largest weight kept.")
+
+
 class TrainConfig(Section):
     """The GRPO update."""
 
@@ -250,6 +264,7 @@ class TrainConfig(Section):
     )
     num_iterations: int = Field(1, ge=1, description="Update epochs per rollout batch.")
     mask_truncated: bool = Field(False, description="Drop completions that hit max_new_tokens.")
+    vllm_importance_sampling: ImportanceSamplingConfig = Field(default_factory=ImportanceSamplingConfig)
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute activations in the backward pass instead of keeping them (less GPU memory, "

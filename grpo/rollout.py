@@ -52,6 +52,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, T) 1 up to and including the first stop token
     texts: list[str]  # decoded completions, special tokens skipped, stop token excluded
     truncated: torch.Tensor  # (N,) bool: no stop token within max_new_tokens
+    sampler_logp: torch.Tensor | None = None  # (N, T) float32: the sampler's log-probs (vLLM), 0 on padding
 
     @property
     def num_sequences(self) -> int:
@@ -404,6 +405,7 @@ class VLLMGenerator:
         adapter_root: str | None = None,
         seed: int = 0,
         engines: EngineCache = ENGINES,
+        sampler_logprobs: bool = False,
     ) -> None:
         if engine_factory is None or sampling_params_cls is None or lora_request_cls is None:
             try:
@@ -422,6 +424,7 @@ class VLLMGenerator:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.stop_ids[0])
         self.sleep_mode = gen.vllm.sleep_mode
+        self.sampler_logprobs = sampler_logprobs
         self._own_root = adapter_root is None
         self.adapter_root = Path(adapter_root or tempfile.mkdtemp(prefix="grpo-vllm-lora-"))
         self.adapter_root.mkdir(parents=True, exist_ok=True)
@@ -446,6 +449,7 @@ class VLLMGenerator:
             "max_lora_rank": next((r for r in _LORA_RANKS if r >= rank), rank),
             "enable_sleep_mode": v.sleep_mode,
             "seed": seed,
+            "logprobs_mode": "processed_logprobs",  # after temperature/top-k/top-p: what was sampled from
             **_distributed_engine_kwargs(),
         }
         self.llm = engines.get(engine_factory, kwargs)
@@ -505,6 +509,7 @@ class VLLMGenerator:
             min_tokens=min(min_new_tokens, max_new_tokens),
             seed=seed,
             stop_token_ids=list(self.stop_ids),
+            **({"logprobs": 0} if self.sampler_logprobs and not greedy else {}),  # the sampled token's
         )
 
     def generate(
@@ -551,6 +556,14 @@ class VLLMGenerator:
         for i, c in enumerate(completions):
             completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
             completion_mask[i, : len(c)] = 1
+        sampler_logp = None
+        if self.sampler_logprobs and not greedy:
+            sampler_logp = torch.zeros((n, t_len), dtype=torch.float32)  # (N, T)
+            outs = [c for o in outputs for c in o.outputs]
+            for i, (c, out) in enumerate(zip(completions, outs)):
+                sampler_logp[i, : len(c)] = torch.tensor(
+                    [step[token].logprob for step, token in zip(out.logprobs, c)], dtype=torch.float32
+                )
         stop_set = set(self.stop_ids)
         stopped = [bool(c) and c[-1] in stop_set for c in completions]
         # vLLM puts the stop token last in token_ids (not in text); a completion is truncated when it
@@ -565,6 +578,7 @@ class VLLMGenerator:
             completion_mask=completion_mask.to(dev),
             texts=texts,
             truncated=torch.tensor([not s for s in stopped], dtype=torch.bool, device=dev),
+            sampler_logp=sampler_logp.to(dev) if sampler_logp is not None else None,
         )
 
 
@@ -575,12 +589,14 @@ def _lora_rank(model: Any) -> int:
     return max(ranks, default=0) or 16
 
 
-def make_generator(model: Any, tokenizer: Any, gen: GenerationConfig, model_cfg: ModelConfig) -> Any:
+def make_generator(
+    model: Any, tokenizer: Any, gen: GenerationConfig, model_cfg: ModelConfig, *, sampler_logprobs: bool = False
+) -> Any:
     """The generator `gen.backend` names: `VLLMGenerator`, or for transformers the fast path
     (`grpo.fastpath.FastGenerator`) when `gen.fast_path` and the model is a supported Qwen2,
     else `TransformersGenerator` (with one INFO line naming why, when `gen.fast_path` was on)."""
     if gen.backend == "vllm":
-        return VLLMGenerator(model, tokenizer, gen, model_cfg)
+        return VLLMGenerator(model, tokenizer, gen, model_cfg, sampler_logprobs=sampler_logprobs)
     if gen.fast_path:
         from grpo.fastpath import FastGenerator, unsupported_reason  # fastpath imports this module
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from grpo.algorithm import completion_logprobs, group_advantages, policy_update
+from grpo.algorithm import completion_logprobs, group_advantages, importance_weights, policy_update
 from grpo.config import RunConfig
 from grpo.distributed import average_gradients, gather_metrics
 from grpo.envs import Env, env_for
@@ -131,7 +131,11 @@ class GRPOTrainer:
             keep_freed_memory()  # activations are re-used across steps instead of re-faulted
         self.tokenizer = tokenizer
         self.rows = train_rows
-        self.generator = generator or make_generator(model, tokenizer, cfg.generation, cfg.model)
+        wanted = cfg.train.vllm_importance_sampling.enabled
+        self.importance_sampling = cfg.generation.backend == "vllm" if wanted is None else wanted
+        self.generator = generator or make_generator(
+            model, tokenizer, cfg.generation, cfg.model, sampler_logprobs=self.importance_sampling
+        )
         self.env = env or env_for(cfg)
         self.reward_fns = list(reward_fns or get_rewards(cfg.train.rewards or self.env.default_rewards, self.env))
         if train_rows is not None:  # None: a caller that builds its own batches (benchmarks)
@@ -224,8 +228,23 @@ class GRPOTrainer:
             ref = self.logprobs(rollout, adapter=False)  # (N, T)
         return old, ref
 
+    @torch.no_grad()
+    def correction(self, rollout: Rollout) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Importance-sampling weights (N, T) between the sampler's log-probs and this model's (one
+        forward pass in eval mode, float32 log-probs), when enabled and the sampler reported its
+        log-probs; else (None, {})."""
+        if not self.importance_sampling or rollout.sampler_logp is None:
+            return None, {}
+        s = self.cfg.train.vllm_importance_sampling
+        self.model.eval()
+        trainer_logp = self.logprobs(rollout)  # (N, T)
+        return importance_weights(
+            trainer_logp, rollout.sampler_logp, rollout.completion_mask, level=s.level, mode=s.mode, cap=s.cap
+        )
+
     def update(
-        self, rollout: Rollout, adv: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None
+        self, rollout: Rollout, adv: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None,
+        is_weight: torch.Tensor | None = None,
     ) -> dict[str, float]:
         self.model.train()
         fast = self.fast
@@ -242,6 +261,7 @@ class GRPOTrainer:
             scheduler=self.scheduler,
             grad_hook=self.grad_hook,
             logprobs_fn=(lambda _model, *a, **k: completion_logprobs_fast(fast, *a, **k)) if fast else None,
+            is_weight=is_weight,
         )
 
     @property
@@ -275,8 +295,9 @@ class GRPOTrainer:
             adv = self.advantages(rewards)  # (N,)
         with clock("reference"):
             old, ref = self.old_and_reference_logprobs(rollout)
+            is_weight, is_stats = self.correction(rollout)
         try:
-            update = self.update(rollout, adv.to(self.generator_device), old, ref)
+            update = self.update(rollout, adv.to(self.generator_device), old, ref, is_weight)
         except TrainingDiverged as e:
             raise TrainingDiverged(
                 f"GRPO step {self.step_count + 1}: {e}; lower train.learning_rate "
@@ -290,6 +311,7 @@ class GRPOTrainer:
             "step": self.step_count,
             **self.rollout_metrics(rollout, scores),
             **update,
+            **is_stats,
             **clock.seconds,
             "lr": self.scheduler.get_last_lr()[0],
             "step_time_s": clock.elapsed(),

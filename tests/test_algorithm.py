@@ -437,3 +437,40 @@ def test_multiple_iterations_need_old_logp_and_step_each_epoch(setup):
     assert all(math.isfinite(v) for v in metrics.values())
     # the second epoch saw a moved policy: the epoch-mean ratio differs from 1
     assert metrics["ratio"] != pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_importance_weights_match_a_plain_reference(level: str, mode: str) -> None:
+    """TRL's vllm_importance_sampling modes, written out per token and per sequence."""
+    from grpo.algorithm import importance_weights
+
+    g = torch.Generator().manual_seed(3)
+    trainer = -torch.rand(4, 6, generator=g) * 3
+    sampler = trainer + torch.randn(4, 6, generator=g) * 0.8
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4, [1] * 6])
+    weights, stats = importance_weights(trainer, sampler, mask, level=level, mode=mode, cap=2.0)
+    expected = torch.zeros(4, 6)
+    for i in range(4):
+        n = int(mask[i].sum())
+        seq = math.exp(sum(float(trainer[i, t] - sampler[i, t]) for t in range(n)) / n)
+        for t in range(n):
+            r = math.exp(float(trainer[i, t] - sampler[i, t])) if level == "token" else seq
+            expected[i, t] = min(r, 2.0) if mode == "truncate" else (0.0 if r > 2.0 else r)
+    torch.testing.assert_close(weights, expected)
+    deltas = [abs(float(trainer[i, t] - sampler[i, t])) for i in range(4) for t in range(int(mask[i].sum()))]
+    assert stats["is/delta_abs_mean"] == pytest.approx(sum(deltas) / len(deltas))
+    assert 0.0 <= stats["is/capped_fraction"] <= 1.0 and stats["is/weight_p95"] >= 0.0
+
+
+def test_importance_weight_multiplies_each_tokens_surrogate() -> None:
+    g = torch.Generator().manual_seed(5)
+    logp = (-torch.rand(3, 5, generator=g)).requires_grad_()
+    old = logp.detach() + 0.1 * torch.randn(3, 5, generator=g)
+    adv, mask = torch.tensor([1.0, -0.5, 2.0]), torch.ones(3, 5)
+    weight = torch.rand(3, 5, generator=g) * 2
+    kw = dict(epsilon_low=0.2, epsilon_high=0.2, beta=0.0, loss_type="bnpo", max_new_tokens=5)
+    loss, _ = grpo_loss(logp, old, None, adv, mask, is_weight=weight, **kw)
+    ratio = torch.exp(logp - old)
+    surrogate = -torch.min(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None])
+    torch.testing.assert_close(loss, (surrogate * weight).sum() / 15)

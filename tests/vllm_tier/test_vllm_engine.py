@@ -112,3 +112,35 @@ def test_one_engine_for_training_and_evaluation_then_closed(model_dir: Path) -> 
     again = VLLMGenerator(model, tokenizer, cfg.generation, cfg.model)  # a new engine after close
     assert again.generate(PROMPTS[:1], 1, greedy=True).completion_ids.shape[0] == 1
     close_engines()
+
+
+def test_sampler_logprobs_and_the_importance_sampling_correction(model_dir: Path) -> None:
+    """vLLM reports the sampled tokens' log-probs (processed: after temperature); in float32 they
+    agree with the trainer's own, so the correction's weights are about 1, and a GRPO step with
+    the correction on logs its metrics."""
+    from grpo.algorithm import completion_logprobs
+    from grpo.trainer import GRPOTrainer
+
+    cfg = config(model_dir, "generation.temperature=0.8", "train.prompts_per_step=2", "train.group_size=4",
+                 "train.micro_batch_size=8")
+    model, tokenizer = load_policy(cfg)
+    engine = VLLMGenerator(model, tokenizer, cfg.generation, cfg.model, sampler_logprobs=True)
+    rollout = engine.generate(PROMPTS, 4, generator=torch.Generator().manual_seed(0))
+    assert rollout.sampler_logp is not None and rollout.sampler_logp.shape == rollout.completion_ids.shape
+    with torch.no_grad():
+        trainer_logp = completion_logprobs(
+            model.eval(), rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
+            temperature=0.8,
+        )
+    mask = rollout.completion_mask.bool()
+    delta = (trainer_logp - rollout.sampler_logp)[mask].abs()
+    assert float(delta.max()) < 1e-3, float(delta.max())
+    assert float(rollout.sampler_logp[mask].min()) < -0.5  # real log-probs, not zeros
+    close_engines()
+
+    trainer = GRPOTrainer(cfg, model, tokenizer, generate(40, seed=0), total_steps=1)
+    assert trainer.importance_sampling  # on by default with vLLM
+    metrics = trainer.step()
+    assert metrics["is/delta_abs_mean"] < 1e-3 and abs(metrics["is/weight_mean"] - 1.0) < 1e-2
+    assert metrics["is/capped_fraction"] == 0.0
+    close_engines()
