@@ -226,7 +226,7 @@ def test_params_reach_the_generator_and_the_slug():
 
 def test_class_attributes_and_describe():
     env = get_env("reasoning_gym:chain_sum")
-    assert env.usage == "reasoning_gym:<dataset>" and env.description and env.generates
+    assert env.usage == "reasoning_gym:<dataset>" and env.generates
     assert env.default_user == "{question}" and env.default_rewards == ("format", "correct")
     assert env.known_columns == ["question", "answer", "metadata"]
     row = env.rows(1, seed=0)[0]

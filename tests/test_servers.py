@@ -193,6 +193,9 @@ def test_schedule_registered_with_cron(stack: Stack, api: None) -> None:
     # The config form: the flow's parameter schema exposes the RunConfig sections.
     props = dep.parameter_openapi_schema["properties"]
     assert "config" in props
+    definitions = dep.parameter_openapi_schema.get("definitions", {})
+    assert "task" in definitions["RunConfig"]["properties"]  # the form asks which environment
+    assert set(definitions["TaskConfig"]["properties"]) == {"name", "params"}
     # The server's scheduler turns the cron into upcoming runs, each at 02:00 UTC.
     upcoming = wait_for_scheduled_runs(dep.id, timeout=60)
     assert upcoming, (
