@@ -31,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -291,7 +292,9 @@ def log_dataset_inputs(uri: str, run_id: str, task: str, source: str, splits: Ma
             if (name, short) in have:
                 continue
             origin = CodeDatasetSource({"task": task, "data.source": source, "split": split})
-            frame = mlflow.data.from_pandas(pd.read_parquet(path), source=origin, name=name, digest=short)
+            with warnings.catch_warnings():  # its hint about integer columns and missing values: not ours
+                warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+                frame = mlflow.data.from_pandas(pd.read_parquet(path), source=origin, name=name, digest=short)
             entity = Dataset(
                 name=name, digest=short, source_type="code", source=origin.to_json(),
                 schema=json.dumps({"mlflow_colspec": frame.schema.to_dict()}) if frame.schema else None,
