@@ -228,3 +228,43 @@ def test_helpers_are_no_ops_in_one_process():
     dp.barrier()
     with dp.main_first():
         pass
+
+
+def test_two_machines_train_like_two_processes(tiny_model_dir, tmp_path):
+    """`torchrun --nnodes 2`: two launchers, one process each, as on two machines (here both on
+    127.0.0.1, the first one's address the rendezvous): the same adapter as the exact-mean
+    reference of two ranks, written once by global rank 0."""
+    run_dir = tmp_path / "run"
+    overrides = _overrides(tiny_model_dir, tmp_path / "data")
+    script = tmp_path / "launch_with_reward.py"
+    script.write_text(SCRIPT)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+             str(script), "--set", *overrides, "--run-dir", str(run_dir), "--steps", str(STEPS)],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for node in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in nodes]
+    for node, (p, (out, err)) in enumerate(zip(nodes, outputs)):
+        assert p.returncode == 0, f"node {node} failed:\n{out[-2000:]}\n{err[-4000:]}"
+
+    summaries = [json.loads((run_dir / "ranks" / f"rank-{r}.json").read_text()) for r in range(WORLD)]
+    assert [s["world_size"] for s in summaries] == [2, 2]
+    assert summaries[0]["adapter_sha256"] == summaries[1]["adapter_sha256"]
+    assert summaries[1]["checkpoint"] is None
+
+    from safetensors.torch import load_file
+
+    trained = load_file(str(Path(summaries[0]["checkpoint"]) / "adapter_model.safetensors"))
+    cfg = load_config(None, overrides)
+    rows = load_split(prepare_dataset(cfg.data).train_path)
+    ref0, _, _ = _reference(cfg, rows, average=True)
+    for k in ref0:
+        torch.testing.assert_close(trained[k], ref0[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
