@@ -220,10 +220,11 @@ class GenerationConfig(Section):
         description="How a token is drawn from the filtered softmax: inverse_cdf (one uniform per "
         "row; fast on CPU) or multinomial (torch.multinomial). Same distribution.",
     )
-    fast_path: bool = Field(
-        True,
-        description="Sample and compute log-probs with grpo.fastpath when the model is a supported "
-        "Qwen2 (+LoRA); the Hugging Face path otherwise.",
+    fast_path: bool | None = Field(
+        None,
+        description="Sample and compute log-probs with grpo.fastpath when the model is a supported Qwen2 "
+        "(+LoRA): None = on the CPU only (on CUDA it has not been checked on a GPU yet); true = on CUDA "
+        "too; false = never (the Hugging Face path).",
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 

@@ -593,15 +593,24 @@ def make_generator(
     model: Any, tokenizer: Any, gen: GenerationConfig, model_cfg: ModelConfig, *, sampler_logprobs: bool = False
 ) -> Any:
     """The generator `gen.backend` names: `VLLMGenerator`, or for transformers the fast path
-    (`grpo.fastpath.FastGenerator`) when `gen.fast_path` and the model is a supported Qwen2,
-    else `TransformersGenerator` (with one INFO line naming why, when `gen.fast_path` was on)."""
+    (`grpo.fastpath.FastGenerator`) when it is allowed here (`gen.fast_path`: None = on the CPU
+    only) and the model is a supported Qwen2, else `TransformersGenerator`. One INFO line says which
+    and, when the fast path is not taken, why."""
     if gen.backend == "vllm":
+        log.info("sampling: vLLM engine (generation.backend=vllm)")
         return VLLMGenerator(model, tokenizer, gen, model_cfg, sampler_logprobs=sampler_logprobs)
-    if gen.fast_path:
-        from grpo.fastpath import FastGenerator, unsupported_reason  # fastpath imports this module
+    from grpo.fastpath import FastGenerator, unsupported_reason  # fastpath imports this module
 
+    device = next(model.parameters()).device
+    if gen.fast_path is False:
+        reason: str | None = "generation.fast_path=false"
+    elif gen.fast_path is None and device.type != "cpu":
+        reason = (f"on {device.type} it is opt-in until a GPU check has proven it (generation.fast_path=true "
+                  "turns it on)")
+    else:
         reason = unsupported_reason(model)
-        if reason is None:
-            return FastGenerator(model, tokenizer, gen)
-        log.info("fast path off: %s; sampling with TransformersGenerator", reason)
+    if reason is None:
+        log.info("sampling: the fast path (grpo.fastpath, %s, Qwen2 + LoRA)", device.type)
+        return FastGenerator(model, tokenizer, gen)
+    log.info("sampling: transformers; fast path off: %s", reason)
     return TransformersGenerator(model, tokenizer, gen)

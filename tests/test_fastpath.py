@@ -596,7 +596,26 @@ def test_make_generator_logs_why_the_fast_path_is_off(tiny_model_dir: Path, capl
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="grpo.rollout"):
         make_generator(model, tok, GenerationConfig(fast_path=False), ModelConfig())
-    assert not [r for r in caplog.records if r.name == "grpo.rollout"]
+    (record,) = [r for r in caplog.records if r.name == "grpo.rollout"]
+    assert record.getMessage() == "sampling: transformers; fast path off: generation.fast_path=false"
+
+
+def test_the_fast_path_is_opt_in_off_the_cpu(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """On CUDA (a meta device stands in: no GPU here) the default does not take the fast path, and
+    says so; `generation.fast_path=true` would (not run here: no GPU)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpo.rollout import make_generator
+
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    tok = load_tokenizer(str(tiny_model_dir))
+    with caplog.at_level(logging.INFO, logger="grpo.rollout"):
+        gen = make_generator(model, tok, GenerationConfig(), ModelConfig())
+    assert type(gen) is TransformersGenerator
+    (record,) = [r for r in caplog.records if r.name == "grpo.rollout"]
+    assert "fast path off: on meta it is opt-in" in record.getMessage()
 
 
 class _V4Config:
