@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from grpo.config import DEFAULT_TINY_PATH, LoraConfig, ModelConfig, RunConfig
-from grpo.envs.countdown import TAG_TOKENS, tiny_corpus
+from grpo.envs.countdown import tiny_corpus
 from grpo.errors import ConfigError, ModelLoadError
+from grpo.rewards import TAGS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -69,14 +70,14 @@ def _train_tokenizer(seed: int, vocab_size: int, corpus: list[str] | None = None
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(TAG_TOKENS),
+        vocab_size=vocab_size - len(TAGS),
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     lines = tiny_corpus(seed) if corpus is None else corpus
     tok.train_from_iterator([_untagged(line) for line in lines], trainer=trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -90,7 +91,7 @@ def _train_tokenizer(seed: int, vocab_size: int, corpus: list[str] | None = None
 
 def _untagged(line: str) -> str:
     """The tags become whole added tokens; keep their characters out of the BPE merges."""
-    for tag in TAG_TOKENS:
+    for tag in TAGS:
         line = line.replace(tag, " ")
     return line
 

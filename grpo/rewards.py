@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 10_000
 """Completions longer than this score 0.0 without being parsed."""
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+"""The output format's tags (whole tokens of the tiny model's vocabulary; never inside an answer)."""
 
 RewardFn = Callable[..., list[float | None]]
 

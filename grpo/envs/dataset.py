@@ -66,7 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from grpo.config import format_validation_error
 from grpo.envs.base import Env, placeholders, stable_hash
 from grpo.errors import ConfigError, DataError
-from grpo.rewards import answer_content
+from grpo.rewards import TAGS, answer_content
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,6 @@ WORKER_START_S = 120
 DESCRIBE_CHARS = 300
 """Strings longer than this are cut in `describe`."""
 
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _CALCULATOR_NOTE = re.compile(r"<<[^<>\n]*>>")
 _LATEX_HINT = re.compile(r"[\\^{}_]")
 

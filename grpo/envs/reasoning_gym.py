@@ -79,7 +79,7 @@ from tqdm.auto import tqdm
 
 from grpo.envs.base import Env
 from grpo.errors import ConfigError, DataError
-from grpo.rewards import answer_content
+from grpo.rewards import TAGS, answer_content
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,6 @@ WEAK_SCORERS: dict[str, str] = {
 }
 """Datasets whose package scorer accepts wrong answers (reasoning-gym 0.1.25), and how."""
 
-_TAGS = ("<answer>", "</answer>", "<think>", "</think>")
 _TUPLE = "__tuple__"
 _ITEMS = "__items__"
 
@@ -351,7 +350,7 @@ class ReasoningGymEnv(Env):
         dataset does not score it 1.0 (a row without an answer: "" scores 0 there; ab's rows whose
         answer is empty keep their empty answer block)."""
         answer = row.get("answer") or ""
-        if any(tag in answer for tag in _TAGS):
+        if any(tag in answer for tag in TAGS):
             return None
         text = f"</think>\n<answer>{answer}</answer>"
         ok = self.correct([text], [row["question"]], [answer], [row["metadata"]])

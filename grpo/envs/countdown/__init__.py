@@ -205,11 +205,9 @@ def _random_solution(rng: random.Random, nums: list[int]) -> tuple[list[str], st
     return steps, expr, acc
 
 
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
-
-
 def tiny_corpus(seed: int, num_problems: int = 2000) -> list[str]:
-    """Synthetic Countdown-style text (prompts, reasoning, answers) for training the tokenizer."""
+    """Synthetic Countdown-style text (prompts, reasoning, answers) for training the tokenizer (whose
+    trainer keeps the format tags out of the merges: they are whole tokens)."""
     rng = random.Random(seed)
     lines = [
         REFERENCE_SYSTEM,
@@ -225,13 +223,7 @@ def tiny_corpus(seed: int, num_problems: int = 2000) -> list[str]:
         if rng.random() < 0.2:
             lines.append(REFERENCE_USER.format(nums=nums, target=target))
             lines.append(f" Let me solve this step by step.\n<think> {' '.join(steps)} so {expr} = {target}")
-    # The tags become whole added tokens; keep their characters out of the BPE merges.
-    out = []
-    for line in lines:
-        for tag in TAG_TOKENS:
-            line = line.replace(tag, " ")
-        out.append(line)
-    return out
+    return lines
 
 
 class CountdownEnv(Env):
