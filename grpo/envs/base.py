@@ -114,7 +114,7 @@ class Env:
 
     def normalize(self, ds: datasets.Dataset, source: str) -> datasets.Dataset:
         """Validate loaded rows and return them in this environment's column types. The base class
-        checks that the rows are not empty and hold every column the prompt and rewards name."""
+        checks that there are rows; the preflight checks the columns the prompt and rewards name."""
         if len(ds) == 0:
             raise DataError(f"data.source: '{source}' has no rows")
         return ds
