@@ -392,6 +392,8 @@ class RunConfig(Section):
         from grpo.envs import env_for
 
         env = env_for(self)
+        if env.slug != "countdown":
+            self._drop_countdown_defaults(env.name)
         if self.model.name_or_path is None:
             suffix = "" if env.slug == "countdown" else f"-{env.slug}"
             self.model.name_or_path = f"{DEFAULT_TINY_PATH}{suffix}"
@@ -423,6 +425,22 @@ class RunConfig(Section):
             except ConfigError as e:
                 raise ValueError(str(e)) from None
         return self
+
+    def _drop_countdown_defaults(self, task: str) -> None:
+        """A config made for Countdown and then pointed at another task (the Prefect form, whose
+        defaults are the embedded default's filled values; a Countdown recipe with only
+        `task.name` changed) would train another task's adapters into Countdown's tiny model,
+        experiment and registered model, where promotion would compare them with Countdown's:
+        those three values, when they are exactly Countdown's defaults, are derived for the task."""
+        leftovers = [
+            (self.model, "name_or_path", DEFAULT_TINY_PATH),
+            (self.pipeline, "experiment", "grpo-countdown"),
+            (self.pipeline, "registered_model", "countdown-lora"),
+        ]
+        for section, field, countdown in leftovers:
+            if getattr(section, field) == countdown:
+                log.info("%s is Countdown's default; task %s gets its own", field, task)
+                setattr(section, field, None)
 
     @property
     def total_steps(self) -> int:

@@ -124,3 +124,15 @@ def test_older_recipes_with_countdown_shape_in_data_still_load(caplog: pytest.Lo
     assert cfg.task.params == {"num_count": [3], "number_range": [1, 10]}
     assert "moved to task.params" in caplog.text
     assert env_for(cfg).rows(5, seed=0)["nums"] and all(len(n) == 3 for n in env_for(cfg).rows(5, seed=0)["nums"])
+
+
+def test_a_countdown_config_pointed_at_another_task_gets_that_tasks_names() -> None:
+    """The Prefect form starts from the embedded default's filled values; changing only the task
+    there must not register the other task's adapters as Countdown's."""
+    form = RunConfig().model_dump(mode="json")
+    form["task"] = {"name": "reasoning_gym:chain_sum", "params": {}}
+    cfg = RunConfig.model_validate(form)
+    assert (cfg.model.name_or_path, cfg.pipeline.experiment, cfg.pipeline.registered_model) == (
+        "artifacts/tiny-model-chain_sum", "grpo-chain_sum", "chain_sum-lora")
+    form["pipeline"]["registered_model"] = "team-adapters"  # a name of the user's own stays
+    assert RunConfig.model_validate(form).pipeline.registered_model == "team-adapters"
