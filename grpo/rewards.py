@@ -37,7 +37,7 @@ import math
 import numbers
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from grpo.errors import ConfigError, RewardError, TrainingDiverged
@@ -213,7 +213,6 @@ class RewardValues:
 
     values: list[float | None]
     errors: int = 0
-    skipped: list[int] = field(default_factory=list)
 
 
 def _checked(name: str, out: Any, n: int) -> list[float | None]:
@@ -269,7 +268,6 @@ def call_reward(name: str, fn: RewardFn, completions: list[str], columns: dict[s
         except Exception:  # noqa: BLE001 - this completion scores 0 for this reward; counted and logged once
             values.append(0.0)
             result.errors += 1
-            result.skipped.append(i)
             if first_error and name not in _TRACEBACK_LOGGED:
                 _TRACEBACK_LOGGED.add(name)
                 log.warning("reward %r raised on completion %d (it scores 0; later errors are only "
