@@ -60,8 +60,8 @@ def preflight(cfg: RunConfig) -> None:
     _check_writable(cfg.data.cache_dir, "data.cache_dir")
     tracking.check_tracking(tracking.resolve_tracking_uri(cfg.pipeline.tracking_uri))
     source = cfg.data.source
-    if source == "generate":
-        sample = env.rows(2, cfg.data.seed)  # ConfigError for a task that does not generate rows
+    if source == "generate":  # ConfigError for a task that does not generate rows
+        sample = env.rows(LENGTH_CHECK_ROWS, cfg.data.seed)
     else:  # a file, or a hub dataset (downloaded once, then cached)
         sample = env.load(source)
         env.check_rows(sample, source)
@@ -72,8 +72,7 @@ def preflight(cfg: RunConfig) -> None:
     check_lora_targets(cfg)
     if cfg.generation.backend == "vllm":
         _check_vllm_device(cfg)
-    rows = sample if source != "generate" else env.rows(LENGTH_CHECK_ROWS, cfg.data.seed)
-    _check_lengths(cfg, env, tokenizer, rows, name)
+    _check_lengths(cfg, env, tokenizer, sample, name)
 
 
 LENGTH_CHECK_ROWS = 200
