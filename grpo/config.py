@@ -243,6 +243,26 @@ class ImportanceSamplingConfig(Section):
     cap: float = Field(3.0, gt=1.0, description="The largest weight kept.")
 
 
+class DynamicSamplingConfig(Section):
+    """DAPO's dynamic sampling: groups whose rewards all agree teach nothing (zero advantages); they are
+    dropped and more prompts are sampled until the step has B informative groups."""
+
+    enabled: bool = Field(False, description="Drop zero-variance groups and refill the batch.")
+    max_generation_batches: int = Field(
+        3, ge=1, description="Generation batches of B prompts per step at most; then train on what there is."
+    )
+
+
+class OverlongConfig(Section):
+    """DAPO's soft overlong punishment, the reward `overlong` (add it to train.rewards): 0 up to
+    max_new_tokens - buffer tokens, then linear down to -penalty at max_new_tokens."""
+
+    buffer: int | None = Field(
+        None, ge=1, description="Tokens before max_new_tokens where the penalty ramps; None = max_new_tokens // 4."
+    )
+    penalty: float = Field(1.0, gt=0.0, description="The penalty at max_new_tokens.")
+
+
 class TrainConfig(Section):
     """The GRPO update."""
 
@@ -257,14 +277,42 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     beta: float = Field(0.0, ge=0.0, description="KL coefficient; 0 skips the reference pass.")
-    epsilon_low: float = Field(0.2, ge=0.0, lt=1.0, description="Lower clip of the ratio.")
-    epsilon_high: float = Field(0.2, ge=0.0, description="Upper clip (clip-higher: > epsilon_low).")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = Field("grpo", description="Loss aggregation.")
+    epsilon_low: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description="Lower clip of the ratio; None = 0.2 at token level, 3e-4 at sequence level (GSPO's paper).",
+    )
+    epsilon_high: float | None = Field(
+        None, ge=0.0,
+        description="Upper clip (clip-higher when > epsilon_low; cispo: the IS weight's cap is 1 + epsilon_high); "
+        "None = 0.2 at token level, 4e-4 at sequence level (GSPO's paper).",
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = Field(
+        "grpo",
+        description="grpo: token mean per sequence, then mean (DeepSeekMath); bnpo: token mean of each "
+        "micro-batch; dr_grpo: sum / (N * max_new_tokens) (Dr. GRPO); dapo: token sum over the whole step / "
+        "the step's token count, across micro-batches and ranks (DAPO; TRL's default); cispo: the clipped, "
+        "detached ratio weighs each token's log-prob (CISPO, MiniMax-M1), token mean as dapo.",
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="The ratio per token (PPO/GRPO) or per sequence: exp(mean of the sequence's log-ratios), "
+        "the same for all its tokens (GSPO, Zheng et al. 2025).",
+    )
     advantage_scale: Literal["group", "batch", "none"] = Field(
         "group", description="Divide advantages by the std of the group, the batch, or not at all."
     )
     num_iterations: int = Field(1, ge=1, description="Update epochs per rollout batch.")
     mask_truncated: bool = Field(False, description="Drop completions that hit max_new_tokens.")
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig)
+    reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        "sum_then_normalize",
+        description="Several rewards: weighted sum, then group advantages; or each reward normalised within its "
+        "group first, then the weighted sum (GDPO; TRL's multi_objective_aggregation).",
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0.0, description="Entropy bonus: loss - entropy_coef * mean token entropy; 0 = off (logged anyway)."
+    )
     vllm_importance_sampling: ImportanceSamplingConfig = Field(default_factory=ImportanceSamplingConfig)
     gradient_checkpointing: bool = Field(
         False,
@@ -290,6 +338,11 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        sequence = self.importance_sampling_level == "sequence"
+        if self.epsilon_low is None:
+            self.epsilon_low = 3e-4 if sequence else 0.2
+        if self.epsilon_high is None:
+            self.epsilon_high = 4e-4 if sequence else 0.2
         n = self.prompts_per_step * self.group_size
         if n % self.micro_batch_size:
             raise ValueError(
@@ -404,6 +457,13 @@ class RunConfig(Section):
         if self.generation.vllm.max_num_seqs is None:
             step = self.train.prompts_per_step * self.train.group_size
             self.generation.vllm.max_num_seqs = max(step, self.eval.batch_size)
+        overlong, max_new = self.train.overlong, self.generation.max_new_tokens
+        if overlong.buffer is None:
+            overlong.buffer = max(1, max_new // 4)
+        elif overlong.buffer > max_new:
+            raise ValueError(
+                f"train.overlong.buffer {overlong.buffer} exceeds generation.max_new_tokens {max_new}; lower it"
+            )
         if self.model.dtype == "float16":
             raise ValueError(
                 "model.dtype: float16 trains without loss scaling (gradients underflow); use bfloat16 on a "

@@ -6,7 +6,9 @@ three ways, looked up in this order:
 
 1. a reward of the run's environment: `correct` (every environment: its answer check), or one of
    its own (Countdown: `equation`);
-2. a registered name: `format`, or one added with `@register_reward("name")`;
+2. a registered name: `format`, `overlong` (DAPO's soft overlong punishment, `overlong_reward`;
+   its lengths come from the run's config: `get_rewards(names, env, cfg)`), or one added with
+   `@register_reward("name")`;
 3. an import path `package.module:function`: your own function, imported by every process that
    trains (a deployment's worker too: the module must be importable there, e.g. installed or on
    its PYTHONPATH).
@@ -30,6 +32,7 @@ stay importable from here.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -45,6 +48,7 @@ from grpo.errors import ConfigError, RewardError, TrainingDiverged
 if TYPE_CHECKING:
     import torch
 
+    from grpo.config import RunConfig
     from grpo.envs import Env
 
 log = logging.getLogger(__name__)
@@ -128,6 +132,52 @@ def answer_content(completion: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+# ------------------------------------------------------------------------------ the length
+
+
+@register_reward("overlong")
+def overlong_reward(
+    completions: list[str],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    buffer: int,
+    penalty: float = 1.0,
+    **kwargs: Any,
+) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13), scaled by `penalty`.
+
+    With L = `len(completion_ids[i])` (the completion's tokens as the trainer gives them, the stop
+    token included), L_max = `max_new_tokens` and L_cache = `buffer`, as in the paper:
+
+    - 0 when L <= L_max - L_cache;
+    - ((L_max - L_cache) - L) / L_cache * penalty when L_max - L_cache < L <= L_max: a linear ramp
+      from 0 (exclusive) down to exactly -penalty at L = L_max;
+    - -penalty when L > L_max.
+
+    The pieces meet, so the value is continuous: a completion of exactly L_max tokens (one cut off
+    by the limit, or one whose stop token is the last allowed) gets the full -penalty. The settings
+    are not dataset columns: `get_rewards(names, env, cfg)` binds them from `generation.max_new_tokens`
+    and `train.overlong` (`buffer` None there means max(1, max_new_tokens // 4)).
+
+    >>> overlong_reward(["a"] * 4, [[0] * 6, [0] * 7, [0] * 8, [0] * 10], max_new_tokens=8, buffer=2)
+    [0.0, -0.5, -1.0, -1.0]
+    """
+    if buffer < 1:
+        raise ValueError(f"overlong_reward: buffer must be >= 1, got {buffer}")
+    start = max_new_tokens - buffer  # L_max - L_cache: the last length that is not punished
+    out = []
+    for ids in completion_ids:
+        n = len(ids)
+        if n <= start:
+            out.append(0.0)
+        elif n <= max_new_tokens:
+            out.append((start - n) / buffer * penalty)
+        else:
+            out.append(-float(penalty))
+    return out
+
+
 # ------------------------------------------------------------------------------- lookup
 
 
@@ -151,10 +201,32 @@ def reward_name(entry: str, fn: RewardFn) -> str:
     return getattr(fn, "__name__", entry.rpartition(":")[2]) if _IMPORT_PATH.fullmatch(entry) else entry
 
 
-def get_rewards(names: Iterable[str], env: Env | None = None) -> list[tuple[str, RewardFn]]:
+def _bind_overlong(cfg: RunConfig | None) -> RewardFn:
+    """`overlong_reward` with the run's lengths bound (`ConfigError` without a config)."""
+    if cfg is None:
+        raise ConfigError(
+            "train.rewards: reward 'overlong' needs the run's generation.max_new_tokens and "
+            "train.overlong; pass the RunConfig: get_rewards(names, env, cfg)"
+        )
+    max_new = cfg.generation.max_new_tokens
+    buffer = cfg.train.overlong.buffer
+    if buffer is None:  # RunConfig resolves it; a section assigned later may not be
+        buffer = max(1, max_new // 4)
+    return functools.partial(
+        overlong_reward, max_new_tokens=max_new, buffer=buffer, penalty=cfg.train.overlong.penalty
+    )
+
+
+def get_rewards(
+    names: Iterable[str], env: Env | None = None, cfg: RunConfig | None = None
+) -> list[tuple[str, RewardFn]]:
     """`[(name, fn), ...]` for `train.rewards` entries, in order (see the module docstring for the
-    lookup); `env` None means Countdown. `ConfigError` in one line for an unknown name or an import
-    path that does not import."""
+    lookup); `env` None means Countdown. `cfg` (the run's `RunConfig`) supplies settings that are not
+    dataset columns: `overlong` gets `max_new_tokens=cfg.generation.max_new_tokens`,
+    `buffer=cfg.train.overlong.buffer` and `penalty=cfg.train.overlong.penalty` bound (a
+    `functools.partial`; its name stays `overlong`). `ConfigError` in one line for an unknown name,
+    an import path that does not import, or `overlong` without `cfg` (defaults would silently
+    punish at the wrong length)."""
     if env is None:
         from grpo.envs import get_env
 
@@ -175,6 +247,8 @@ def get_rewards(names: Iterable[str], env: Env | None = None) -> list[tuple[str,
                 "import path package.module:function"
             )
         name = reward_name(entry, fn)
+        if fn is overlong_reward:  # by name or by import path: it needs the run's lengths
+            fn = _bind_overlong(cfg)
         if any(name == seen for seen, _ in out):
             raise ConfigError(f"train.rewards: two rewards are named {name!r}; name each reward once")
         out.append((name, fn))

@@ -239,7 +239,7 @@ def _bad_task_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "reward of another task": (
             ["task.name=reasoning_gym:chain_sum", "train.rewards=[format, equation]"],
-            "train.rewards: unknown reward 'equation'; known rewards: correct, format, score",
+            "train.rewards: unknown reward 'equation'; known rewards: correct, format, overlong, score",
         ),
         "reward needs a column the task lacks": (
             ["task.name=reasoning_gym:chain_sum",

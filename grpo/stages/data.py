@@ -54,7 +54,7 @@ def preflight(cfg: RunConfig) -> None:
             "(pip install 'grpo-pipeline[vllm]', GPU only) or set generation.backend=transformers"
         )
     env = env_for(cfg)
-    reward_fns = get_rewards(cfg.train.rewards or env.default_rewards, env)
+    reward_fns = get_rewards(cfg.train.rewards or env.default_rewards, env, cfg)
     resolve_device(cfg.model)
     _check_writable(cfg.pipeline.output_dir, "pipeline.output_dir")
     _check_writable(cfg.data.cache_dir, "data.cache_dir")
