@@ -82,14 +82,15 @@ def device_and_dtype(ctx: dict[str, Any]) -> dict[str, Any]:
 @check("A", "fast_path_vs_transformers")
 def fast_path_vs_transformers(ctx: dict[str, Any]) -> dict[str, Any]:
     from grpo.algorithm import completion_logprobs
-    from grpo.fastpath import FastGenerator, completion_logprobs_fast, unsupported_reason
+    from grpo.engines.cpu_fast import CpuFastEngine
+    from grpo.engines.cpu_fast.qwen2 import unsupported_reason
     from grpo.models import load_policy
 
     cfg = _config(ctx)
     model, tok = load_policy(cfg)
     if unsupported_reason(model) is not None:
         raise Skip(f"fast path not available: {unsupported_reason(model)}")
-    gen = FastGenerator(model, tok, cfg.generation)
+    gen = CpuFastEngine(model, tok, cfg.generation)
     r = gen.generate(PROMPTS, 4, generator=torch.Generator(device=model.device).manual_seed(0))
     args = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
     out: dict[str, Any] = {}
@@ -100,7 +101,7 @@ def fast_path_vs_transformers(ctx: dict[str, Any]) -> dict[str, Any]:
             else:
                 with model.disable_adapter():
                     slow = completion_logprobs(model, *args)
-            fast = completion_logprobs_fast(gen.fast, *args, use_adapter=adapter)
+            fast = gen.logprobs(*args, adapter=adapter)
         mask = r.completion_mask.bool()
         out[f"max_abs_diff_adapter_{adapter}"] = float((slow - fast)[mask].abs().max())
     tolerance = 5e-2 if _cuda() else 1e-3
@@ -111,12 +112,12 @@ def fast_path_vs_transformers(ctx: dict[str, Any]) -> dict[str, Any]:
 
 @check("A", "transformers_generator")
 def transformers_generator(ctx: dict[str, Any]) -> dict[str, Any]:
+    from grpo.engines.hf import HFEngine
     from grpo.models import load_policy, stop_token_ids
-    from grpo.rollout import TransformersGenerator
 
     cfg = _config(ctx)
     model, tok = load_policy(cfg)
-    gen = TransformersGenerator(model, tok, cfg.generation)
+    gen = HFEngine(model, tok, cfg.generation)
     seed = torch.Generator(device=model.device)
     a = gen.generate(PROMPTS, 4, generator=seed.manual_seed(1))
     b = gen.generate(PROMPTS, 4, generator=seed.manual_seed(1))
@@ -165,7 +166,7 @@ def reference_update_memory(ctx: dict[str, Any]) -> dict[str, Any]:
 
     from grpo.algorithm import policy_update
     from grpo.config import TrainConfig
-    from grpo.rollout import Rollout
+    from grpo.engines import Rollout
 
     out: dict[str, Any] = {}
     for checkpointing in (False, True):
@@ -214,23 +215,24 @@ def _vllm(ctx: dict[str, Any], **kwargs: Any) -> Any:
         import vllm  # noqa: F401
     except ImportError:
         raise Skip("vLLM is not installed") from None
+    from grpo.engines.vllm import VLLMEngine
     from grpo.models import load_policy
-    from grpo.rollout import VLLMGenerator
 
     cfg = _config(ctx, "generation.backend=vllm", f"generation.vllm.sleep_mode={str(_cuda()).lower()}",
                   "generation.vllm.max_model_len=256", "generation.vllm.gpu_memory_utilization=0.3")
     model, tok = load_policy(cfg)
-    return cfg, model, tok, VLLMGenerator(model, tok, cfg.generation, cfg.model, **kwargs)
+    return cfg, model, tok, VLLMEngine(model, tok, cfg.generation, cfg.model, **kwargs)
 
 
 @check("B", "vllm_lora_applied_and_resynced")
 def vllm_lora(ctx: dict[str, Any]) -> dict[str, Any]:
-    from grpo.rollout import TransformersGenerator, close_engines
+    from grpo.engines import close_engines
+    from grpo.engines.hf import HFEngine
 
     start = time.perf_counter()
     cfg, model, tok, engine = _vllm(ctx)
     built = time.perf_counter() - start
-    hf = TransformersGenerator(model, tok, cfg.generation)
+    hf = HFEngine(model, tok, cfg.generation)
     def first8(rollout: Any) -> torch.Tensor:
         return rollout.completion_ids.cpu()[:, :8]
 
@@ -240,7 +242,7 @@ def vllm_lora(ctx: dict[str, Any]) -> dict[str, Any]:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    engine.sync_weights(model)
+    engine.sync(model)
     moved = engine.generate(PROMPTS, 1, greedy=True)
     equal_moved = torch.equal(first8(moved), first8(hf.generate(PROMPTS, 1, greedy=True)))
     close_engines()
@@ -252,7 +254,7 @@ def vllm_lora(ctx: dict[str, Any]) -> dict[str, Any]:
 def vllm_sleep(ctx: dict[str, Any]) -> dict[str, Any]:
     if not _cuda():
         raise Skip("vLLM's CPU platform has no sleep mode")
-    from grpo.rollout import close_engines
+    from grpo.engines import close_engines
 
     _, _, _, engine = _vllm(ctx)
     before = engine.generate(PROMPTS, 1, greedy=True)
@@ -271,7 +273,7 @@ def vllm_sleep(ctx: dict[str, Any]) -> dict[str, Any]:
 @check("B", "vllm_logprob_gap_and_grpo_steps")
 def vllm_steps(ctx: dict[str, Any]) -> dict[str, Any]:
     from grpo.countdown import generate
-    from grpo.rollout import close_engines
+    from grpo.engines import close_engines
     from grpo.trainer import GRPOTrainer
 
     cfg, model, tok, engine = _vllm(ctx)
@@ -283,7 +285,7 @@ def vllm_steps(ctx: dict[str, Any]) -> dict[str, Any]:
     finite = all(torch.isfinite(torch.tensor(float(v))) for m in history for v in m.values())
     return {"ok": finite and "is/delta_abs_mean" in last, "is_delta_abs_mean": last.get("is/delta_abs_mean"),
             "is_weight_mean": last.get("is/weight_mean"), "step_time_s": last["step_time_s"],
-            "lora_id": trainer.generator.lora_request.lora_int_id}
+            "lora_id": trainer.engine.lora_request.lora_int_id}
 
 
 # -------------------------------------------------------------------------------------- main

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         "--micro-batch-size", type=int, default=0,
         help="Sequences per forward/backward (0 = all N = B*G at once, as TRL's default here).",
     )
-    parser.add_argument("--plain", action="store_true", help="Hugging Face path (no grpo.fastpath).")
+    parser.add_argument("--plain", action="store_true", help="The hf engine (not cpu_fast).")
     args = parser.parse_args(argv)
     common.check_args(args)
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         completion_tokens=completion_tokens,
         params=total - trainable,
         trainable_params=trainable,
-        extra={"micro_batch_size": micro, "fast_path": getattr(trainer.generator, "fast", None) is not None},
+        extra={"micro_batch_size": micro, "engine": trainer.engine.name},
     )
     common.emit_result(result)
 

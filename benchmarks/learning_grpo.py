@@ -64,7 +64,7 @@ while time.perf_counter() - t0 < a.minutes * 60:
     if m["step"] % 5 == 0:
         print("step", m["step"], round(time.perf_counter() - t0), round(m["reward_mean"], 3), flush=True)
 train_s = time.perf_counter() - t0
-after = evaluate(model, tok, test, cfg, progress=False, generator=tr.generator)
+after = evaluate(model, tok, test, cfg, progress=False, engine=tr.engine)
 mc = mcnemar(before.correct, after.correct)
 out = dict(
     tag=a.tag,

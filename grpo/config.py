@@ -200,6 +200,11 @@ class VLLMConfig(Section):
         "least eval.batch_size), so that a step's generation runs in one wave.",
     )
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0, description="Share of GPU memory.")
+    kv_cache_memory_bytes: int | Literal["auto"] | None = Field(
+        None,
+        description="KV cache size in bytes instead of a share of the GPU (vLLM then ignores "
+        "gpu_memory_utilization for it); auto = what max_num_seqs sequences of max_model_len tokens need.",
+    )
     max_model_len: int = Field(1024, ge=16, description="Prompt + completion tokens.")
     sleep_mode: bool = Field(True, description="Sleep the engine during training to free memory.")
 
@@ -222,9 +227,9 @@ class GenerationConfig(Section):
     )
     fast_path: bool | None = Field(
         None,
-        description="Sample and compute log-probs with grpo.fastpath when the model is a supported Qwen2 "
+        description="Take the cpu_fast engine (grpo.engines.cpu_fast) when the model is a Qwen2 it covers "
         "(+LoRA): None = on the CPU only (on CUDA it has not been checked on a GPU yet); true = on CUDA "
-        "too; false = never (the Hugging Face path).",
+        "too; false = never (the hf engine).",
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 

@@ -25,9 +25,9 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from grpo.config import RunConfig
+from grpo.engines import Engine, Rollout, make_engine
 from grpo.envs import Env, env_for
 from grpo.rewards import RewardFn, format_reward, get_rewards, score
-from grpo.rollout import Rollout, make_generator
 
 
 class EvalResult(BaseModel):
@@ -85,7 +85,7 @@ def evaluate(
     rows: Any,
     cfg: RunConfig,
     *,
-    generator: Any = None,
+    engine: Engine | None = None,
     env: Env | None = None,
     reward_fns: list[tuple[str, RewardFn]] | None = None,
     step: int = 0,
@@ -94,9 +94,25 @@ def evaluate(
     """Evaluate `model` on the first `eval.num_problems` rows of `rows` (a held-out split)."""
     e = cfg.eval
     env = env or env_for(cfg)
-    reward_fns = reward_fns or get_rewards(cfg.train.rewards or env.default_rewards, env)
+    reward_fns = reward_fns or get_rewards(cfg.train.rewards or env.default_rewards, env, cfg)
     rows = rows.select(range(min(e.num_problems, len(rows))))
-    generator = generator or make_generator(model, tokenizer, cfg.generation, cfg.model)
+    own = engine is None
+    engine = engine or make_engine(model, tokenizer, cfg)
+    try:
+        result = _evaluate(engine, model, tokenizer, rows, cfg, env, reward_fns, step, progress)
+    finally:
+        if own:
+            engine.close()
+    result.finished_at = time.time()
+    return result
+
+
+def _evaluate(
+    engine: Engine, model: Any, tokenizer: Any, rows: Any, cfg: RunConfig, env: Env,
+    reward_fns: list[tuple[str, RewardFn]], step: int, progress: bool,
+) -> EvalResult:
+    """`evaluate` with its engine built: greedy pass, rewards, then the sampled pass."""
+    e = cfg.eval
     prompts = env.prompts(tokenizer, cfg.data.conversation, rows)
     columns = _columns(rows)
     was_training = model.training
@@ -105,7 +121,7 @@ def evaluate(
     texts: list[str] = []
     ids: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), e.batch_size), desc="eval", unit="batch", disable=not progress):
-        out = generator.generate(prompts[start : start + e.batch_size], 1, greedy=True)
+        out = engine.generate(prompts[start : start + e.batch_size], 1, greedy=True)
         texts.extend(out.texts)
         ids.extend(_completion_ids(out))
     right = env.correct(texts, **columns)
@@ -129,15 +145,14 @@ def evaluate(
     )
     if e.sampled_problems:
         device = next(model.parameters()).device
-        _add_sampled(result, generator, prompts, columns, env, cfg, step, device)
+        _add_sampled(result, engine, prompts, columns, env, cfg, step, device)
     if was_training:
         model.train()
-    result.finished_at = time.time()
     return result
 
 
 def _add_sampled(
-    result: EvalResult, generator: Any, prompts: list[str], columns: dict[str, list[Any]], env: Env,
+    result: EvalResult, engine: Engine, prompts: list[str], columns: dict[str, list[Any]], env: Env,
     cfg: RunConfig, step: int, device: torch.device,
 ) -> None:
     """Sampled accuracy and pass@k at the training temperature, seeded by the step."""
@@ -149,7 +164,7 @@ def _add_sampled(
     hits: list[list[float]] = []
     for start in range(0, m, per_call):
         stop = min(start + per_call, m)
-        out = generator.generate(prompts[start:stop], k, generator=gen)
+        out = engine.generate(prompts[start:stop], k, generator=gen)
         repeated = {c: [v for v in values[start:stop] for _ in range(k)] for c, values in columns.items()}
         right = env.correct(out.texts, **repeated)
         hits.extend(right[i * k : (i + 1) * k] for i in range(stop - start))

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         code = 0
     finally:
-        from grpo.rollout import close_engines
+        from grpo.engines import close_engines
 
         close_engines()  # an in-process vLLM engine holds process groups of its own: it goes first
         dp.shutdown()

@@ -48,9 +48,9 @@ from tqdm.auto import tqdm
 
 from grpo.algorithm import check_finite_update, check_finite_weights
 from grpo.config import Conversation, RunConfig
+from grpo.engines import keep_freed_memory
 from grpo.envs import Env, env_for
 from grpo.errors import DataError, TrainingDiverged
-from grpo.fastpath import keep_freed_memory
 
 IGNORE_INDEX = -100
 """Label of tokens the loss skips (prompt and padding)."""

@@ -3,9 +3,9 @@
     trainer = GRPOTrainer(cfg, model, tokenizer, train_rows)
     trainer.train(num_steps=10, on_step=print)
 
-One step: sample (then the generator sleeps: a vLLM engine frees its memory) -> score ->
-advantages -> old/reference log-probs -> loss + optimizer step -> sync weights to the generator
-(see `GRPOTrainer.step`).
+One step: sample (then the engine sleeps: vLLM frees its memory) -> score -> advantages ->
+old/reference log-probs -> loss + optimizer step -> sync weights to the engine (see
+`GRPOTrainer.step`). Sampling and log-probs go through the policy's engine (`grpo.engines`).
 
 Resumability: the data order is a seeded permutation per epoch, and the random state at the start
 of step `s` is seeded from (train.seed, s). A step therefore depends only on the adapter weights,
@@ -31,14 +31,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from grpo.algorithm import completion_logprobs, group_advantages, importance_weights, policy_update
+from grpo.algorithm import group_advantages, importance_weights, policy_update
 from grpo.config import RunConfig
 from grpo.distributed import average_gradients, gather_metrics
+from grpo.engines import Engine, Rollout, keep_freed_memory, make_engine
 from grpo.envs import Env, env_for
 from grpo.errors import TrainingDiverged
-from grpo.fastpath import completion_logprobs_fast, keep_freed_memory
 from grpo.rewards import RewardFn, Scores, check_reward_columns, get_rewards, score
-from grpo.rollout import Rollout, make_generator
 
 __all__ = ["Batch", "GRPOTrainer", "make_scheduler", "score", "seed_everything", "step_seed"]
 
@@ -118,7 +117,7 @@ class GRPOTrainer:
         tokenizer: Any,
         train_rows: Any,
         *,
-        generator: Any = None,
+        engine: Engine | None = None,
         reward_fns: Sequence[tuple[str, RewardFn]] | None = None,
         env: Env | None = None,
         total_steps: int | None = None,
@@ -133,11 +132,10 @@ class GRPOTrainer:
         self.rows = train_rows
         wanted = cfg.train.vllm_importance_sampling.enabled
         self.importance_sampling = cfg.generation.backend == "vllm" if wanted is None else wanted
-        self.generator = generator or make_generator(
-            model, tokenizer, cfg.generation, cfg.model, sampler_logprobs=self.importance_sampling
-        )
+        self.engine = engine or make_engine(model, tokenizer, cfg, sampler_logprobs=self.importance_sampling)
         self.env = env or env_for(cfg)
-        self.reward_fns = list(reward_fns or get_rewards(cfg.train.rewards or self.env.default_rewards, self.env))
+        names = cfg.train.rewards or self.env.default_rewards
+        self.reward_fns = list(reward_fns or get_rewards(names, self.env, cfg))
         if train_rows is not None:  # None: a caller that builds its own batches (benchmarks)
             check_reward_columns(self.reward_fns, train_rows.column_names, self.env.name)
         t = cfg.train
@@ -168,9 +166,9 @@ class GRPOTrainer:
         return {"step": self.step_count, "data_position": self.step_count * b * self.world_size}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Take the counters of a loaded checkpoint; the generator re-syncs the loaded adapter."""
+        """Take the counters of a loaded checkpoint; the engine re-syncs the loaded adapter."""
         self.step_count = int(state["step"])
-        self.generator.sync_weights(self.model)
+        self.engine.sync(self.model)
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -191,9 +189,9 @@ class GRPOTrainer:
         return Batch(indices, prompts, columns)
 
     def sample(self, batch: Batch, seed: int) -> Rollout:
-        gen = torch.Generator(device=self.generator_device).manual_seed(seed)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()  # no LoRA dropout while sampling
-        return self.generator.generate(
+        return self.engine.generate(
             batch.prompts, self.cfg.train.group_size, generator=gen,
             min_new_tokens=self.cfg.generation.min_new_tokens,
         )
@@ -203,17 +201,12 @@ class GRPOTrainer:
         return group_advantages(rewards, t.group_size, scale=t.advantage_scale)  # (N,)
 
     def logprobs(self, rollout: Rollout, *, adapter: bool = True) -> torch.Tensor:
-        """Per-token log-probs (N, T) of the rollout's completions, with or without the adapter:
-        by the fast path when the generator has one (`grpo.fastpath`), else the plain path."""
-        args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-        kw = {"temperature": self.cfg.generation.temperature, "micro_batch_size": self.cfg.train.micro_batch_size}
-        fast = self.fast
-        if fast is not None:
-            return completion_logprobs_fast(fast, *args, use_adapter=adapter, **kw)  # (N, T)
-        if adapter:
-            return completion_logprobs(self.model, *args, **kw)  # (N, T)
-        with self.model.disable_adapter():
-            return completion_logprobs(self.model, *args, **kw)  # (N, T)
+        """Per-token log-probs (N, T) of the rollout's completions, with or without the adapter,
+        by the engine."""
+        return self.engine.logprobs(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
+            self.cfg.generation.temperature, self.cfg.train.micro_batch_size, adapter=adapter,
+        )  # (N, T)
 
     @torch.no_grad()
     def old_and_reference_logprobs(
@@ -247,7 +240,6 @@ class GRPOTrainer:
         is_weight: torch.Tensor | None = None,
     ) -> dict[str, float]:
         self.model.train()
-        fast = self.fast
         return policy_update(
             self.model,
             self.optimizer,
@@ -260,18 +252,12 @@ class GRPOTrainer:
             ref_logp=ref,
             scheduler=self.scheduler,
             grad_hook=self.grad_hook,
-            logprobs_fn=(lambda _model, *a, **k: completion_logprobs_fast(fast, *a, **k)) if fast else None,
+            logprobs_fn=lambda _model, *args, **kw: self.engine.logprobs(*args, **kw),  # (n, T)
             is_weight=is_weight,
         )
 
     @property
-    def fast(self) -> Any:
-        """The fast path's model when the generator has one and gradient checkpointing is off (the
-        fast path keeps every activation), else None: the plain transformers path."""
-        return None if self.cfg.train.gradient_checkpointing else getattr(self.generator, "fast", None)
-
-    @property
-    def generator_device(self) -> torch.device:
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     # -- one step ------------------------------------------------------------------------------
@@ -284,7 +270,7 @@ class GRPOTrainer:
         with clock("generation"):
             batch = self.next_batch()
             rollout = self.sample(batch, seed)  # texts: N = B*G
-            self.generator.sleep()  # vLLM frees its memory for the passes below; generate wakes it
+            self.engine.sleep()  # vLLM frees its memory for the passes below; generate wakes it
         with clock("score"):
             columns = batch.repeat(self.cfg.train.group_size)
             columns["completion_ids"] = [
@@ -297,14 +283,14 @@ class GRPOTrainer:
             old, ref = self.old_and_reference_logprobs(rollout)
             is_weight, is_stats = self.correction(rollout)
         try:
-            update = self.update(rollout, adv.to(self.generator_device), old, ref, is_weight)
+            update = self.update(rollout, adv.to(self.device), old, ref, is_weight)
         except TrainingDiverged as e:
             raise TrainingDiverged(
                 f"GRPO step {self.step_count + 1}: {e}; lower train.learning_rate "
                 f"({self.cfg.train.learning_rate:g}) or train.max_grad_norm, or check the rewards"
             ) from None
         with clock("sync"):
-            self.generator.sync_weights(self.model)
+            self.engine.sync(self.model)
         self.step_count += 1
         gen_s = clock.seconds["time/generation_s"]
         metrics = {

@@ -3,12 +3,11 @@
 Run: `pytest -q tests/test_fastpath.py`. Two random Qwen2 models (hidden 64 / 2 layers as the
 benchmark's tiny one, and the project's tiny model), each with a LoRA whose B is randomised so
 the adapter changes the output. The plain path (`grpo.algorithm.completion_logprobs`,
-`grpo.rollout.TransformersGenerator`) and an unpadded per-row forward are the references.
+`grpo.engines.hf.HFEngine`) and an unpadded per-row forward are the references.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +15,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import grpo.fastpath as fastpath_module
+import grpo.engines.cpu_fast.qwen2 as fastpath_module
 from grpo.algorithm import completion_logprobs, grpo_loss
 from grpo.config import GenerationConfig, LoraConfig, ModelConfig
-from grpo.fastpath import (
-    FastGenerator,
+from grpo.engines.base import keep_freed_memory, pick_tokens
+from grpo.engines.cpu_fast import CpuFastEngine
+from grpo.engines.cpu_fast.native import kernels
+from grpo.engines.cpu_fast.qwen2 import (
     FastQwen2,
     completion_logprobs_fast,
     dropout_keep,
     dropped_positions,
-    keep_freed_memory,
     onednn_linear_available,
     onednn_packing_available,
-    pick_tokens,
     rope_parameters,
     selective_head_logprobs,
     supports,
     torch_dropped_positions,
     unsupported_reason,
 )
+from grpo.engines.hf import HFEngine
 from grpo.models import attach_lora, build_tiny_model, load_base_model, load_tokenizer, stop_token_ids
-from grpo.native import kernels
-from grpo.rollout import TransformersGenerator
 
 PROMPTS = [
     "nums: 1 2 3 target: 6\n",
@@ -182,7 +180,7 @@ def test_packed_weights_change_no_result(policy, monkeypatch: pytest.MonkeyPatch
     runs = []
     for pack in (True, False):
         if not pack:
-            monkeypatch.setattr("grpo.fastpath.onednn_packing_available", lambda *a: False)
+            monkeypatch.setattr("grpo.engines.cpu_fast.qwen2.onednn_packing_available", lambda *a: False)
         fast = FastQwen2(model)
         assert fast.pack is pack and bool(fast.layers[0].wp) is pack
         logp = completion_logprobs_fast(fast, *args)
@@ -458,20 +456,20 @@ def test_merged_generation_weights(policy) -> None:
 def test_base_weights_bit_identical_after_sync_and_generate(policy) -> None:
     model, tok = policy
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    gen = FastGenerator(model, tok, GenerationConfig(max_new_tokens=6))
+    gen = CpuFastEngine(model, tok, GenerationConfig(max_new_tokens=6))
     gen.generate(PROMPTS, 2, generator=torch.Generator().manual_seed(0))
-    gen.sync_weights(model)
+    gen.sync(model)
     for k, p in model.named_parameters():
         assert torch.equal(p, before[k]), k
 
 
-def gen_pair(policy, **cfg: Any) -> tuple[TransformersGenerator, FastGenerator]:
+def gen_pair(policy, **cfg: Any) -> tuple[HFEngine, CpuFastEngine]:
     model, tok = policy
     stops = cfg.pop("stop_ids", None)
     gc = GenerationConfig(**{"max_new_tokens": 16, **cfg})
     return (
-        TransformersGenerator(model, tok, gc, stop_ids=stops),
-        FastGenerator(model, tok, gc, stop_ids=stops),
+        HFEngine(model, tok, gc, stop_ids=stops),
+        CpuFastEngine(model, tok, gc, stop_ids=stops),
     )
 
 
@@ -494,7 +492,7 @@ def test_greedy_tokens_identical(policy) -> None:
 
 def test_stops_min_tokens_and_early_exit_identical(policy) -> None:
     model, tok = policy
-    probe = TransformersGenerator(model, tok, GenerationConfig(max_new_tokens=12)).generate(
+    probe = HFEngine(model, tok, GenerationConfig(max_new_tokens=12)).generate(
         PROMPTS, 1, greedy=True
     )
     # stop ids the model does emit, so rows stop at different steps (and all stop: early exit)
@@ -542,7 +540,7 @@ def test_inverse_cdf_sampler_draws_the_distribution() -> None:
 
 def test_inverse_cdf_generation_runs(policy) -> None:
     model, tok = policy
-    gen = FastGenerator(model, tok, GenerationConfig(max_new_tokens=8), sampler="inverse_cdf")
+    gen = CpuFastEngine(model, tok, GenerationConfig(max_new_tokens=8), sampler="inverse_cdf")
     a = gen.generate(PROMPTS, 3, generator=torch.Generator().manual_seed(0))
     b = gen.generate(PROMPTS, 3, generator=torch.Generator().manual_seed(0))
     assert_same_rollout(a, b)
@@ -579,43 +577,6 @@ def test_unsupported_models_fall_back(kind: str) -> None:
     ids = torch.ones(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="Hugging Face path"):
         completion_logprobs_fast(model, ids, ids, ids, ids)
-
-
-def test_make_generator_logs_why_the_fast_path_is_off(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from grpo.rollout import make_generator
-
-    model, tok = _tiny_config_model("qwen2-rope-linear"), load_tokenizer(str(tiny_model_dir))
-    reason = unsupported_reason(model)
-    assert reason
-    with caplog.at_level(logging.INFO, logger="grpo.rollout"):
-        gen = make_generator(model, tok, GenerationConfig(fast_path=True), ModelConfig())
-    assert type(gen) is TransformersGenerator
-    records = [r for r in caplog.records if r.name == "grpo.rollout"]
-    assert len(records) == 1 and records[0].levelno == logging.INFO
-    assert "fast path off" in records[0].getMessage() and reason in records[0].getMessage()
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="grpo.rollout"):
-        make_generator(model, tok, GenerationConfig(fast_path=False), ModelConfig())
-    (record,) = [r for r in caplog.records if r.name == "grpo.rollout"]
-    assert record.getMessage() == "sampling: transformers; fast path off: generation.fast_path=false"
-
-
-def test_the_fast_path_is_opt_in_off_the_cpu(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """On CUDA (a meta device stands in: no GPU here) the default does not take the fast path, and
-    says so; `generation.fast_path=true` would (not run here: no GPU)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from grpo.rollout import make_generator
-
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                             num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
-    tok = load_tokenizer(str(tiny_model_dir))
-    with caplog.at_level(logging.INFO, logger="grpo.rollout"):
-        gen = make_generator(model, tok, GenerationConfig(), ModelConfig())
-    assert type(gen) is TransformersGenerator
-    (record,) = [r for r in caplog.records if r.name == "grpo.rollout"]
-    assert "fast path off: on meta it is opt-in" in record.getMessage()
 
 
 class _V4Config:

@@ -1,4 +1,4 @@
-"""The native CPU kernels (`grpo.native`) against torch's operators, and the fast path with and
+"""The native CPU kernels (`grpo.engines.cpu_fast.native`) against torch's operators, and the fast path with and
 without them.
 
 Run: `pytest -q tests/test_native.py`. The kernels are built with the machine's C compiler on
@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from test_fastpath import random_lora_policy  # tests/ is on sys.path under pytest
 
-import grpo.fastpath as fastpath
-import grpo.native as native_module
+import grpo.engines.cpu_fast.native as native_module
+import grpo.engines.cpu_fast.qwen2 as fastpath
 from grpo.config import GenerationConfig
+from grpo.engines.cpu_fast import CpuFastEngine
+from grpo.engines.cpu_fast.native import NativeKernels, build, kernels, reference_decode_attention
 from grpo.models import build_tiny_model
-from grpo.native import NativeKernels, build, kernels, reference_decode_attention
 
 CC = shutil.which("cc") or shutil.which("gcc")
 HAVE_CC = CC is not None
@@ -284,7 +285,10 @@ def sha256(path: Path) -> str:
 
 
 def native_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "grpo.native" and r.levelno >= logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records
+        if r.name == "grpo.engines.cpu_fast.native" and r.levelno >= logging.WARNING
+    ]
 
 
 def test_build_records_its_sha256_in_a_private_folder(built: Path) -> None:
@@ -326,7 +330,7 @@ def test_planted_library_is_not_loaded(
         return real_cdll(name, *args, **kwargs)
 
     monkeypatch.setattr(ctypes, "CDLL", cdll)
-    caplog.set_level(logging.INFO, logger="grpo.native")
+    caplog.set_level(logging.INFO, logger="grpo.engines.cpu_fast.native")
     assert kernels() is not None  # rebuilt, and past its self-check
     assert not marker.exists()
     assert hashed_loads == [sha256(target)] != [sha256(planted)]  # loaded: the rebuild, which its record names
@@ -357,7 +361,7 @@ def test_unsafe_cache_folder_is_refused(private_cache: Path, tmp_path: Path, cap
     else:
         private_cache.symlink_to(elsewhere, target_is_directory=True)
         why = "is a symlink"
-    caplog.set_level(logging.INFO, logger="grpo.native")
+    caplog.set_level(logging.INFO, logger="grpo.engines.cpu_fast.native")
     assert kernels() is None
     (line,) = native_warnings(caplog)
     assert "using torch operators instead" in line and str(private_cache) in line and why in line
@@ -376,7 +380,7 @@ def test_rebuild_failing_its_check_turns_kernels_off(
     """A build whose bytes do not match the sha256 recorded for it is not loaded: one log line."""
     record = native_module._record
     monkeypatch.setattr(native_module, "_record", lambda dir_fd, name, _sha: record(dir_fd, name, "0" * 64))
-    caplog.set_level(logging.INFO, logger="grpo.native")
+    caplog.set_level(logging.INFO, logger="grpo.engines.cpu_fast.native")
     assert kernels() is None
     (line,) = native_warnings(caplog)
     assert "failed its check" in line and "does not match its recorded sha256" in line
@@ -412,7 +416,7 @@ def test_fast_path_same_with_and_without_kernels(tmp_path: Path, monkeypatch: py
     cfg = GenerationConfig(max_new_tokens=12, temperature=1.0)
 
     def run() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        gen = fastpath.FastGenerator(model, tok, cfg)
+        gen = CpuFastEngine(model, tok, cfg)
         ro = gen.generate(prompts, 4, generator=torch.Generator().manual_seed(0))
         model.train()
         torch.manual_seed(0)
@@ -510,7 +514,7 @@ def test_dropped_positions_are_a_function_of_the_seed(native: NativeKernels) -> 
 def test_mkl_packed_gemm_matches_torch() -> None:
     """A packed right-hand side multiplies any row count as torch.mm does, into a new tensor or
     added into one; wrong shapes are refused."""
-    from grpo.native import mkl_gemm
+    from grpo.engines.cpu_fast.native import mkl_gemm
 
     gemm = mkl_gemm()
     if gemm is None:
@@ -538,7 +542,7 @@ def test_one_call_decode_step_samples_the_same_tokens(
     """Generation with the whole decode step in one native call (MKL-packed products) and with
     the operator-by-operator loop: the same tokens (GQA rep 2 and 7); a bad token or slot is
     refused."""
-    from grpo.native import mkl_gemm
+    from grpo.engines.cpu_fast.native import mkl_gemm
 
     if mkl_gemm() is None or kernels() is None:
         pytest.skip("no MKL or no native kernels here")
@@ -549,7 +553,7 @@ def test_one_call_decode_step_samples_the_same_tokens(
     prompts = ["nums: 1 2 3 target: 6\n", "x"]
 
     def tokens() -> torch.Tensor:
-        gen = fastpath.FastGenerator(model, tok, cfg)
+        gen = CpuFastEngine(model, tok, cfg)
         return gen.generate(prompts, 3, generator=torch.Generator().manual_seed(0)).completion_ids
 
     calls = []
@@ -579,7 +583,7 @@ def test_sampler_draws_pick_tokens_token(native: NativeKernels, threads: int) ->
     """The one-pass inverse-CDF sampler picks what `pick_tokens` picks from the same uniforms
     (a vocabulary not a multiple of 16, temperatures, the stop-token bias), never a token of
     zero mass, and refuses rows where every token has zero mass."""
-    from grpo.rollout import pick_tokens
+    from grpo.engines.base import pick_tokens
 
     g = torch.Generator().manual_seed(0)
     n, v = 600, 301

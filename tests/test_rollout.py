@@ -12,17 +12,13 @@ import pytest
 import torch
 
 from grpo.config import GenerationConfig, ModelConfig, RunConfig
+from grpo.engines import Rollout, make_engine
+from grpo.engines.base import filter_logits
+from grpo.engines.cpu_fast import CpuFastEngine
+from grpo.engines.hf import HFEngine
+from grpo.engines.vllm import VLLM_MISSING, EngineCache, VLLMEngine, kv_cache_bytes
 from grpo.errors import UserError
 from grpo.models import build_tiny_model, load_base_model, load_policy, stop_token_ids
-from grpo.rollout import (
-    VLLM_MISSING,
-    EngineCache,
-    Rollout,
-    TransformersGenerator,
-    VLLMGenerator,
-    filter_logits,
-    make_generator,
-)
 
 USERS = ["nums: 1 2 3 target: 6", "nums: 93 4 68 target: 29, and a longer prompt than the others", "x"]
 
@@ -90,7 +86,7 @@ def first_stop(row: list[int], stops: set[int]) -> int | None:
 
 def test_shapes_and_grouping(policy, prompts) -> None:
     model, tok = policy
-    r = TransformersGenerator(model, tok, gen_cfg()).generate(
+    r = HFEngine(model, tok, gen_cfg()).generate(
         prompts, 4, generator=torch.Generator().manual_seed(0)
     )
     assert isinstance(r, Rollout)
@@ -110,7 +106,7 @@ def test_shapes_and_grouping(policy, prompts) -> None:
 def test_greedy_matches_uncached_reference(policy, prompts) -> None:
     model, tok = policy
     stops = set(stop_token_ids(tok))
-    g = TransformersGenerator(model, tok, gen_cfg())
+    g = HFEngine(model, tok, gen_cfg())
     r = g.generate(prompts, 2, greedy=True, max_new_tokens=20)
     again = g.generate(prompts, 2, greedy=True, max_new_tokens=20)
     assert torch.equal(r.completion_ids, again.completion_ids)
@@ -130,7 +126,7 @@ def test_greedy_matches_uncached_reference(policy, prompts) -> None:
 def test_plain_model_without_adapter(cfg: RunConfig, policy, prompts) -> None:
     _, tok = policy
     base = load_base_model(cfg.model)
-    r = TransformersGenerator(base, tok, gen_cfg()).generate(prompts, 1, greedy=True, max_new_tokens=6)
+    r = HFEngine(base, tok, gen_cfg()).generate(prompts, 1, greedy=True, max_new_tokens=6)
     stops = set(stop_token_ids(tok))
     for i, p in enumerate(prompts):
         assert r.completion_ids[i][r.completion_mask[i].bool()].tolist() == reference_greedy(base, tok, p, 6, stops)
@@ -139,7 +135,7 @@ def test_plain_model_without_adapter(cfg: RunConfig, policy, prompts) -> None:
 def test_completion_mask_stop_and_truncation(policy, prompts) -> None:
     model, tok = policy
     stops = set(range(100, 140)) | set(stop_token_ids(tok))
-    g = TransformersGenerator(model, tok, gen_cfg(), stop_ids=sorted(stops))
+    g = HFEngine(model, tok, gen_cfg(), stop_ids=sorted(stops))
     r = g.generate(prompts, 8, max_new_tokens=16, generator=torch.Generator().manual_seed(3))
     ids, mask = r.completion_ids.tolist(), r.completion_mask.tolist()
     n_stopped = 0
@@ -158,7 +154,7 @@ def test_completion_mask_stop_and_truncation(policy, prompts) -> None:
 def test_texts_are_decoded_masked_ids_without_stop(policy, prompts) -> None:
     model, tok = policy
     stops = set(range(100, 140)) | set(stop_token_ids(tok))
-    g = TransformersGenerator(model, tok, gen_cfg(), stop_ids=sorted(stops))
+    g = HFEngine(model, tok, gen_cfg(), stop_ids=sorted(stops))
     r = g.generate(prompts, 4, generator=torch.Generator().manual_seed(5))
     for row, m, trunc, text in zip(r.completion_ids, r.completion_mask, r.truncated, r.texts):
         kept = row[m.bool()].tolist()
@@ -170,7 +166,7 @@ def test_texts_are_decoded_masked_ids_without_stop(policy, prompts) -> None:
 def test_min_new_tokens_forces_exact_length(policy, prompts) -> None:
     model, tok = policy
     stops = set(range(100, 140)) | set(stop_token_ids(tok))
-    g = TransformersGenerator(model, tok, gen_cfg(), stop_ids=sorted(stops))
+    g = HFEngine(model, tok, gen_cfg(), stop_ids=sorted(stops))
     r = g.generate(prompts, 8, max_new_tokens=12, min_new_tokens=12, generator=torch.Generator().manual_seed(3))
     assert r.completion_ids.shape == (24, 12)
     assert r.completion_mask.all() and r.truncated.all()
@@ -184,7 +180,7 @@ def test_min_new_tokens_forces_exact_length(policy, prompts) -> None:
 
 def test_seeded_generator_reproducible(policy, prompts) -> None:
     model, tok = policy
-    g = TransformersGenerator(model, tok, gen_cfg())
+    g = HFEngine(model, tok, gen_cfg())
     a = g.generate(prompts, 3, generator=torch.Generator().manual_seed(7))
     b = g.generate(prompts, 3, generator=torch.Generator().manual_seed(7))
     c = g.generate(prompts, 3, generator=torch.Generator().manual_seed(8))
@@ -196,7 +192,7 @@ def test_seeded_generator_reproducible(policy, prompts) -> None:
 
 def test_rollout_tensors_can_enter_autograd(policy, prompts) -> None:
     model, tok = policy
-    r = TransformersGenerator(model, tok, gen_cfg()).generate(prompts, 2, max_new_tokens=6)
+    r = HFEngine(model, tok, gen_cfg()).generate(prompts, 2, max_new_tokens=6)
     assert not any(t.is_inference() for t in (r.prompt_ids, r.completion_ids, r.completion_mask))
     ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)  # (N, P + T)
     mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)  # (N, P + T)
@@ -211,7 +207,7 @@ def test_rollout_tensors_can_enter_autograd(policy, prompts) -> None:
 
 def test_duplicate_prompts_keep_order(policy, prompts) -> None:
     model, tok = policy
-    g = TransformersGenerator(model, tok, gen_cfg())
+    g = HFEngine(model, tok, gen_cfg())
     batch = [prompts[0], prompts[1], prompts[0]]
     r = g.generate(batch, 2, greedy=True, max_new_tokens=8)
     assert torch.equal(r.prompt_ids[0:2], r.prompt_ids[4:6])
@@ -222,10 +218,10 @@ def test_duplicate_prompts_keep_order(policy, prompts) -> None:
 
 def test_top_k_one_equals_greedy_and_training_mode_restored(policy, prompts) -> None:
     model, tok = policy
-    greedy = TransformersGenerator(model, tok, gen_cfg()).generate(prompts, 2, greedy=True)
+    greedy = HFEngine(model, tok, gen_cfg()).generate(prompts, 2, greedy=True)
     model.train()
     try:
-        top1 = TransformersGenerator(model, tok, gen_cfg(top_k=1)).generate(
+        top1 = HFEngine(model, tok, gen_cfg(top_k=1)).generate(
             prompts, 2, generator=torch.Generator().manual_seed(0)
         )
         assert model.training
@@ -248,18 +244,16 @@ def test_filter_logits_reference() -> None:
     assert torch.equal(kept[~torch.isinf(kept)], logits[~torch.isinf(kept)])
 
 
-def test_make_generator_backends(policy, cfg: RunConfig) -> None:
+def test_make_engine_backends(policy, cfg: RunConfig) -> None:
     model, tok = policy
-    from grpo.fastpath import FastGenerator
-
-    assert isinstance(make_generator(model, tok, cfg.generation, cfg.model), FastGenerator)
-    plain = cfg.generation.model_copy(update={"fast_path": False})
-    assert isinstance(make_generator(model, tok, plain, cfg.model), TransformersGenerator)
+    assert type(make_engine(model, tok, cfg)) is CpuFastEngine
+    plain = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"fast_path": False})})
+    assert type(make_engine(model, tok, plain)) is HFEngine
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed; the missing-extra message cannot be checked")
-    vllm_cfg = cfg.generation.model_copy(update={"backend": "vllm"})
+    vllm_cfg = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"backend": "vllm"})})
     with pytest.raises(UserError) as err:
-        make_generator(model, tok, vllm_cfg, cfg.model)
+        make_engine(model, tok, vllm_cfg)
     assert str(err.value) == VLLM_MISSING and "\n" not in VLLM_MISSING
 
 
@@ -344,9 +338,9 @@ class FakeLLM:
 def fake_vllm(
     model, tok, gen: GenerationConfig, model_cfg: ModelConfig, tmp_path: Path, engines: EngineCache | None = None,
     factory: Any = None,
-) -> VLLMGenerator:
+) -> VLLMEngine:
     stop = stop_token_ids(tok)[0]
-    return VLLMGenerator(
+    return VLLMEngine(
         model, tok, gen, model_cfg,
         engine_factory=factory or (lambda **kw: FakeLLM(tok, stop, **kw)),
         sampling_params_cls=FakeSamplingParams,
@@ -384,6 +378,25 @@ def test_vllm_engine_options_and_sampling_params(policy, cfg: RunConfig, tmp_pat
     v2 = fake_vllm(model, tok, gen_cfg(top_k=5), cfg.model, tmp_path / "v2")
     v2.generate(["a"], 2)
     assert FakeLLM.instances[-1].calls[-1][2][0].top_k == 5
+
+
+def test_vllm_kv_cache_byte_budget(policy, cfg: RunConfig, tmp_path: Path) -> None:
+    """`generation.vllm.kv_cache_memory_bytes`: absent by default (a share of the GPU), passed as
+    given, or `auto` = what max_num_seqs sequences of max_model_len tokens need."""
+    from transformers import Qwen2Config
+
+    model, tok = policy
+    fake_vllm(model, tok, gen_cfg(), cfg.model, tmp_path / "a")
+    assert "kv_cache_memory_bytes" not in FakeLLM.instances[-1].kwargs
+    fake_vllm(model, tok, gen_cfg(vllm={"kv_cache_memory_bytes": 2**30}), cfg.model, tmp_path / "b")
+    assert FakeLLM.instances[-1].kwargs["kv_cache_memory_bytes"] == 2**30
+    auto = gen_cfg(vllm={"kv_cache_memory_bytes": "auto", "max_num_seqs": 8, "max_model_len": 64})
+    fake_vllm(model, tok, auto, cfg.model, tmp_path / "c")
+    c = model.config  # float32: 4 bytes per value, keys and values of every layer's KV heads
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert FakeLLM.instances[-1].kwargs["kv_cache_memory_bytes"] == per_token * 8 * 64
+    qwen_half_b = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)
+    assert kv_cache_bytes(qwen_half_b, 1, 1, "bfloat16") == 12 * 1024  # Qwen2.5-0.5B: 12 KiB per token
 
 
 def test_vllm_engine_under_torchrun_uses_the_external_launcher(
@@ -425,7 +438,7 @@ def test_one_engine_per_process_shared_by_generators(policy, cfg: RunConfig, tmp
     train = fake_vllm(model, tok, gen_cfg(), cfg.model, tmp_path / "t", engines, factory)
     evaluation = fake_vllm(model, tok, gen_cfg(), cfg.model, tmp_path / "e", engines, factory)
     assert train.llm is evaluation.llm and FakeLLM.instances[-1] is train.llm  # built once
-    train.sync_weights(model)
+    train.sync(model)
     assert [train.lora_request.lora_int_id, evaluation.lora_request.lora_int_id] == [3, 2]
     train.generate(["a"], 2)
     train.sleep()  # training put the engine to sleep: the evaluation's generator wakes it to sample
@@ -479,7 +492,7 @@ def test_vllm_sleep_wake_and_weight_sync(policy, cfg: RunConfig, tmp_path: Path)
     try:
         with torch.no_grad():
             param.add_(0.01)
-        v.sync_weights(model)
+        v.sync(model)
         updated = param.detach().clone()
     finally:
         with torch.no_grad():

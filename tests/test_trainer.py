@@ -115,13 +115,13 @@ def test_warmup_cosine_schedule():
 
 def test_gradient_checkpointing_gives_the_same_update(wide_model_dir, rows):
     """`train.gradient_checkpointing` recomputes activations in the backward pass (on the
-    transformers path, which it selects): same adapter after a step, to float32 rounding."""
+    hf engine, which it selects): same adapter after a step, to float32 rounding."""
     adapters = []
     for extra in (["generation.fast_path=false"], ["train.gradient_checkpointing=true"]):
         cfg = _cfg(wide_model_dir, "train.learning_rate=1e-2", "lora.dropout=0", *extra)
         model, tok = load_policy(cfg)
         trainer = GRPOTrainer(cfg, model, tok, rows, reward_fns=chosen_tokens_reward(tok), total_steps=1)
-        assert trainer.fast is None
+        assert trainer.engine.name == "hf"
         trainer.step()
         adapters.append(_adapter(model))
     assert model.base_model.model.model.gradient_checkpointing
@@ -136,11 +136,11 @@ def test_the_engine_sleeps_after_sampling_and_wakes_to_sample(wide_model_dir, ro
 
     cfg = _cfg(wide_model_dir)
     model, tok = load_policy(cfg)
-    generator = fake_vllm(model, tok, cfg.generation, cfg.model, tmp_path)
-    trainer = GRPOTrainer(cfg, model, tok, rows, generator=generator, total_steps=2)
+    engine = fake_vllm(model, tok, cfg.generation, cfg.model, tmp_path)
+    trainer = GRPOTrainer(cfg, model, tok, rows, engine=engine, total_steps=2)
     trainer.train(2, progress=False)
     llm = FakeLLM.instances[-1]
     assert [c[0] if c[0] != "generate" else ("generate", c[1]) for c in llm.calls] == [
         ("generate", 1), "sleep", "wake_up", ("generate", 2), "sleep",
     ]
-    assert generator.lora_request.lora_int_id == 3  # synced after each of the two updates
+    assert engine.lora_request.lora_int_id == 3  # synced after each of the two updates

@@ -1,4 +1,4 @@
-"""The vLLM backend (`grpo.rollout.VLLMGenerator`) against a real vLLM engine, on the CPU.
+"""The vLLM backend (`grpo.engines.vllm.VLLMEngine`) against a real vLLM engine, on the CPU.
 
     make test-vllm          # builds .venv-vllm once (about 4 GB), then runs this file
 
@@ -18,8 +18,10 @@ import torch
 
 from grpo.config import load_config
 from grpo.countdown import generate
+from grpo.engines import close_engines
+from grpo.engines.hf import HFEngine
+from grpo.engines.vllm import SHARED, VLLMEngine
 from grpo.models import build_tiny_model, load_policy, stop_token_ids
-from grpo.rollout import ENGINES, TransformersGenerator, VLLMGenerator, close_engines
 
 PROMPTS = ["nums: 1 2 3 target: 6", "nums: 93 4 68 target: 29", "nums: 5 5 target: 25"]
 
@@ -48,15 +50,15 @@ def policy(model_dir: Path):
 
 def test_adapter_applied_and_resynced(policy) -> None:
     cfg, model, tokenizer = policy
-    hf = TransformersGenerator(model, tokenizer, cfg.generation)
-    engine = VLLMGenerator(model, tokenizer, cfg.generation, cfg.model)
+    hf = HFEngine(model, tokenizer, cfg.generation)
+    engine = VLLMEngine(model, tokenizer, cfg.generation, cfg.model)
     fresh = engine.generate(PROMPTS, 1, greedy=True)
     assert torch.equal(fresh.completion_ids, hf.generate(PROMPTS, 1, greedy=True).completion_ids)
     with torch.no_grad():  # an "update": the adapter now moves the outputs
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5, generator=torch.Generator().manual_seed(hash(name) % 2**31))
-    engine.sync_weights(model)
+    engine.sync(model)
     updated = engine.generate(PROMPTS, 1, greedy=True)
     assert not torch.equal(updated.completion_ids, fresh.completion_ids)
     assert torch.equal(updated.completion_ids, hf.generate(PROMPTS, 1, greedy=True).completion_ids)
@@ -64,7 +66,7 @@ def test_adapter_applied_and_resynced(policy) -> None:
 
 def test_stop_token_and_truncation(policy) -> None:
     cfg, model, tokenizer = policy
-    engine = VLLMGenerator(model, tokenizer, cfg.generation, cfg.model)
+    engine = VLLMEngine(model, tokenizer, cfg.generation, cfg.model)
     first = engine.generate(PROMPTS[:1], 1, greedy=True, max_new_tokens=12)
     tokens = first.completion_ids[0].tolist()
     assert bool(first.truncated[0]) and first.completion_mask[0].tolist() == [1] * 12
@@ -82,7 +84,7 @@ def test_stop_token_and_truncation(policy) -> None:
 
 def test_seeds_per_prompt(policy) -> None:
     cfg, model, tokenizer = policy
-    engine = VLLMGenerator(model, tokenizer, cfg.generation, cfg.model)
+    engine = VLLMEngine(model, tokenizer, cfg.generation, cfg.model)
     same = [PROMPTS[0], PROMPTS[0]]
     a = engine.generate(same, 4, generator=torch.Generator().manual_seed(7))
     b = engine.generate(same, 4, generator=torch.Generator().manual_seed(7))
@@ -100,16 +102,16 @@ def test_one_engine_for_training_and_evaluation_then_closed(model_dir: Path) -> 
                  "eval.num_problems=4", "eval.batch_size=4", "eval.sampled_problems=2", "eval.pass_k=2")
     model, tokenizer = load_policy(cfg)
     trainer = GRPOTrainer(cfg, model, tokenizer, generate(40, seed=0), total_steps=2)
-    engine = ENGINES.engine
+    engine = SHARED.engine
     history = trainer.train(2, progress=False)
     assert all(math.isfinite(m["loss"]) and "reward_mean" in m for m in history)
-    assert trainer.generator.lora_request.lora_int_id == 3  # synced after each update
+    assert trainer.engine.lora_request.lora_int_id == 3  # synced after each update
     result = evaluate(model, tokenizer, generate(8, seed=1), cfg, progress=False)
-    assert ENGINES.engine is engine  # the evaluation reused the training engine
+    assert SHARED.engine is engine  # the evaluation reused the training engine
     assert result.n == 4 and 0.0 <= result.accuracy <= 1.0
     close_engines()
-    assert ENGINES.engine is None
-    again = VLLMGenerator(model, tokenizer, cfg.generation, cfg.model)  # a new engine after close
+    assert SHARED.engine is None
+    again = VLLMEngine(model, tokenizer, cfg.generation, cfg.model)  # a new engine after close
     assert again.generate(PROMPTS[:1], 1, greedy=True).completion_ids.shape[0] == 1
     close_engines()
 
@@ -124,7 +126,7 @@ def test_sampler_logprobs_and_the_importance_sampling_correction(model_dir: Path
     cfg = config(model_dir, "generation.temperature=0.8", "train.prompts_per_step=2", "train.group_size=4",
                  "train.micro_batch_size=8")
     model, tokenizer = load_policy(cfg)
-    engine = VLLMGenerator(model, tokenizer, cfg.generation, cfg.model, sampler_logprobs=True)
+    engine = VLLMEngine(model, tokenizer, cfg.generation, cfg.model, sampler_logprobs=True)
     rollout = engine.generate(PROMPTS, 4, generator=torch.Generator().manual_seed(0))
     assert rollout.sampler_logp is not None and rollout.sampler_logp.shape == rollout.completion_ids.shape
     with torch.no_grad():

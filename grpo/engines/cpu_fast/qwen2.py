@@ -1,14 +1,14 @@
 """A fast path for Qwen2-architecture policies: lean sampling and per-token log-probs.
 
-    from grpo.fastpath import FastGenerator, completion_logprobs_fast, supports
+    from grpo.engines.cpu_fast.qwen2 import FastQwen2, completion_logprobs_fast, supports
     if supports(model):                                   # else: the plain Hugging Face path
-        gen = FastGenerator(model, tokenizer, cfg.generation)      # TransformersGenerator's interface
-        r = gen.generate(prompts, num_samples=8, generator=torch.Generator().manual_seed(0))
-        args = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        fast = FastQwen2(model)
+        ids, lengths, finished = fast.generate(u_ids, u_mask, 8, ...)   # `CpuFastEngine` wraps this
+        args = (prompt_ids, prompt_mask, completion_ids, completion_mask)
         with torch.no_grad():                                      # reference = adapter off
-            ref = completion_logprobs_fast(gen.fast, *args, use_adapter=False)
-        logp = completion_logprobs_fast(gen.fast, *args)           # LoRA unmerged, in autograd
-        ...; optimizer.step(); gen.sync_weights(model)             # re-merge for the next rollout
+            ref = completion_logprobs_fast(fast, *args, use_adapter=False)
+        logp = completion_logprobs_fast(fast, *args)               # LoRA unmerged, in autograd
+        ...; optimizer.step(); fast.sync(model)                    # re-merge for the next rollout
 
 `FastQwen2` holds references to the frozen base weights of a `Qwen2ForCausalLM` (optionally wrapped
 in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls:
@@ -20,8 +20,8 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
   KV cache per layer (with the native kernels, (N, kv_heads, T, head_dim) beside the prompts'
   own (U, kv_heads, P, head_dim), which all G rows of a prompt read; else (N, kv_heads, P + T,
   head_dim), the prompt copied in), with rotary tables precomputed for every step and an
-  additive padding mask built once. The token choice is `TransformersGenerator._pick`'s
-  (temperature, `grpo.rollout.filter_logits`, softmax, multinomial), so a given torch.Generator
+  additive padding mask built once. The token choice is the `hf` engine's
+  (temperature, `grpo.engines.base.filter_logits`, softmax, multinomial), so a given torch.Generator
   draws the same tokens as the plain path; `sampler="inverse_cdf"` draws the same distribution
   from one uniform per row (much cheaper on CPU, different random stream).
 - log-probs: one forward over prompt + completion with the LoRA applied unmerged
@@ -44,14 +44,14 @@ in a peft LoRA `PeftModel`) and runs the decoder as a few functional torch calls
 - on CPU in float32, the decode step's rotary embedding + cache write + attention, SwiGLU,
   RMSNorm and the rotary embedding (forward and backward), the log-prob passes' attention, the
   LoRA dropout (as corrections of one shared x A^T product) and the inverse-CDF token draw run
-  as the native kernels of `grpo.native` when they build here (one pass each instead of a chain
+  as the native kernels of `grpo.engines.cpu_fast.native` when they build here (one pass each instead of a chain
   of small operators); otherwise as torch operators. The decode step's products with the
-  generation weights go through MKL's packed GEMM (`grpo.native.mkl_gemm`) where torch has MKL.
+  generation weights go through MKL's packed GEMM (`grpo.engines.cpu_fast.native.mkl_gemm`) where torch has MKL.
 
 `supports(model)` names what is covered; any other model (other architecture, other adapter types,
 rope scaling, sliding windows, merged adapters) returns False and callers use the Hugging Face path.
 Tests: `pytest -q tests/test_fastpath.py`. Departures from the paper: none (same math as
-`grpo.algorithm.completion_logprobs` and `grpo.rollout.TransformersGenerator`; float rounding aside).
+`grpo.algorithm.completion_logprobs` and the `hf` engine; float rounding aside).
 
 Legend: B prompts, G samples per prompt, N = B*G rows, U unique prompts, P prompt tokens,
 T completion tokens, V vocabulary, H hidden size, D head dim, L sequence length, M = rows x tokens.
@@ -59,8 +59,6 @@ T completion tokens, V vocabulary, H hidden size, D head dim, L sequence length,
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -70,42 +68,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grpo.algorithm import in_row_blocks
-from grpo.config import GenerationConfig
-from grpo.native import DecodeStep, MklGemm, NativeKernels, PackedMatrix, kernels, mkl_gemm
-from grpo.rollout import (
-    SAMPLERS,
-    Rollout,
-    TransformersGenerator,
-    _completion_texts,
-    _unique,
-    pick_tokens,
-    tokenize_prompts,
-)
+from grpo.engines.base import SAMPLERS, pick_tokens
+from grpo.engines.cpu_fast.native import DecodeStep, MklGemm, NativeKernels, PackedMatrix, kernels, mkl_gemm
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 # --------------------------------------------------------------------------- CPU runtime
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed blocks of up to 32 MiB in the process (mallopt
-    M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 2 GiB) instead of returning each to the kernel.
-
-    Every GRPO step allocates and frees the same activation tensors (several MiB each). By
-    default glibc maps each one afresh and unmaps it on free, so the next step page-faults all of
-    it in again: about a fifth of a small-model step on this project's CPUs. Process-wide and
-    idempotent, like `MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` in the environment; peak
-    memory is unchanged (freed blocks are reused, not added). Returns False where there is no
-    glibc (macOS, Windows, musl): nothing is changed there.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-    except (OSError, AttributeError):
-        return False
 
 
 def dropout_keep(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -210,7 +179,7 @@ def _dnn(x: Tensor, w: Tensor, b: Tensor | None, add: Tensor | None) -> Tensor:
 
 def _rms_norm(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(x r w, r) with r = 1 / sqrt(mean(x^2) + eps) (..., 1) for float32 CPU tensors: one pass
-    with the native kernel (`grpo.native`), else three full-size passes over x, where torch's
+    with the native kernel (`grpo.engines.cpu_fast.native`), else three full-size passes over x, where torch's
     composite CPU rms_norm takes about six."""
     native = kernels()
     if native is not None and native.runs_on(x, w):
@@ -1083,7 +1052,7 @@ class FastQwen2:
         `num_samples` times, rows grouped). Returns completion_ids (N, T) right-padded with
         `pad_id` (T <= max_new_tokens: the loop stops early once every row has stopped),
         lengths (N,) tokens up to and including the first stop token (max_new_tokens if none),
-        finished (N,) bool. Same token choice and stopping as `TransformersGenerator` (with
+        finished (N,) bool. Same token choice and stopping as the `hf` engine (with
         sampler="multinomial"; see `pick_tokens`).
         """
         if sampler not in SAMPLERS:
@@ -1437,75 +1406,3 @@ def selective_head_logprobs(
     else:
         logp, _ = _head_forward(flat_h, weight, flat_t, float(temperature), None, dnn)  # (M,)
     return logp.view(n, t)
-
-
-# --------------------------------------------------------------------------- generator
-
-
-class FastGenerator(TransformersGenerator):
-    """`TransformersGenerator`'s interface on a FastQwen2: prompts in, a `Rollout` out.
-
-    Generation weights are a merged snapshot: call `sync_weights(model)` after every optimizer
-    step (the trainer already does), or the next rollout samples from the previous adapter.
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        gen: GenerationConfig,
-        *,
-        stop_ids: list[int] | None = None,
-        sampler: str | None = None,
-    ) -> None:
-        super().__init__(model, tokenizer, gen, stop_ids=stop_ids)
-        self.sampler = sampler or gen.sampler
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler is {self.sampler!r}; use one of {SAMPLERS}")
-        self.fast = FastQwen2(model)
-
-    def sync_weights(self, model: Any) -> None:
-        """Merge the current adapter into the generation weights."""
-        self.model = model
-        self.fast.sync(model)
-
-    def generate(
-        self,
-        prompts: list[str],
-        num_samples: int,
-        *,
-        greedy: bool = False,
-        max_new_tokens: int | None = None,
-        min_new_tokens: int = 0,
-        generator: torch.Generator | None = None,
-    ) -> Rollout:
-        """`num_samples` completions of each prompt; rows grouped per prompt."""
-        if not prompts:
-            raise ValueError("generate needs at least one prompt, num_samples >= 1, max_new_tokens >= 1")
-        max_new = self.gen.max_new_tokens if max_new_tokens is None else max_new_tokens
-        dev = self.fast.device
-        uniq, inverse = _unique(prompts)
-        u_ids, u_mask = tokenize_prompts(self.tokenizer, uniq)  # (U, P), (U, P)
-        u_ids, u_mask = u_ids.to(dev), u_mask.to(dev)
-        rows = torch.tensor(inverse, device=dev).repeat_interleave(num_samples)  # (N,)
-        ids, lengths, finished = self.fast.generate(
-            u_ids, u_mask, num_samples, max_new_tokens=max_new, min_new_tokens=min_new_tokens,
-            temperature=self.gen.temperature, top_k=self.gen.top_k, top_p=self.gen.top_p,
-            stop_ids=self.stop_ids, pad_id=self.pad_id, greedy=greedy, generator=generator, rows=rows,
-            sampler=self.sampler,
-        )  # (N, T), (N,), (N,)
-        t_len = ids.shape[1]
-        # Tensors made under inference_mode cannot enter autograd: clone them out of it.
-        ids, lengths, finished = ids.clone(), lengths.clone(), finished.clone()
-        completion_mask = (torch.arange(t_len, device=dev)[None, :] < lengths[:, None]).long()  # (N, T)
-        texts = _completion_texts(
-            self.tokenizer, ids.tolist(), lengths.clamp(max=t_len).tolist(), finished.tolist()
-        )
-        return Rollout(
-            prompt_ids=u_ids.index_select(0, rows),
-            prompt_mask=u_mask.index_select(0, rows),
-            completion_ids=ids,
-            completion_mask=completion_mask,
-            texts=texts,
-            truncated=~finished,
-        )
