@@ -394,6 +394,11 @@ class PipelineConfig(Section):
 
     rounds: int = Field(4, ge=1, description="GRPO rounds; each is followed by an evaluation.")
     steps_per_round: int = Field(300, ge=1, description="GRPO steps per round (= evaluation period).")
+    processes: int = Field(
+        1, ge=1,
+        description="Ranks per training round on this machine: > 1 runs each round as `torchrun "
+        "--nproc_per_node N -m grpo.launch` (data parallel, N * B prompts per step; one GPU per rank).",
+    )
     output_dir: str = Field("runs", description="Checkpoints go to <output_dir>/<MLflow run id>/.")
     experiment: str | None = Field(None, min_length=1, description="MLflow experiment; None = grpo-<task>.")
     registered_model: str | None = Field(

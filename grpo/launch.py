@@ -18,7 +18,8 @@ identical before exiting.
 A second launch with the same --run-dir resumes from the newest complete checkpoint there; keep
 the number of processes the same to keep the data order (a step's prompts depend on it).
 
-The Prefect flow stays single-process; this entry point is how a run grows past one process.
+The Prefect flow's `train_round` runs this entry point through torchrun when
+`pipeline.processes` > 1 (`launch_ranks`); otherwise it trains in its own process.
 Not in the paper: the paper does not discuss distribution (see `grpo.distributed`).
 """
 
@@ -110,7 +111,8 @@ def train_data_parallel(
     seed_everything(cfg.train.seed)  # the fresh adapter: identical on every rank
     model, tokenizer = load_policy(cfg)
     rows = load_split(ref.train_path)
-    trainer = GRPOTrainer(cfg, model, tokenizer, rows, total_steps=steps, rank=rank, world_size=world)
+    total = max(steps, cfg.total_steps)  # the schedule spans the run, whichever step this launch stops at
+    trainer = GRPOTrainer(cfg, model, tokenizer, rows, total_steps=total, rank=rank, world_size=world)
     latest = latest_checkpoint(folder)
     if latest is not None:
         state = load_checkpoint(latest, model=model, optimizer=trainer.optimizer, scheduler=trainer.scheduler)
@@ -158,6 +160,45 @@ def train_data_parallel(
     if not _same_on_all_ranks(digest):
         raise RuntimeError(f"rank {rank}: adapters differ across ranks after step {trainer.step_count}")
     return summary
+
+
+def launch_ranks(
+    cfg: RunConfig, run_dir: str | os.PathLike[str], steps: int, processes: int, *,
+    tracking_uri: str | None = None, run_id: str | None = None,
+) -> Path:
+    """Train until global step `steps` in `processes` ranks on this machine: `torchrun
+    --nproc_per_node N -m grpo.launch` as a child process, given `cfg` as `<run_dir>/launch.yaml`;
+    returns the newest checkpoint. How the pipeline's `train_round` grows past one process
+    (`pipeline.processes`); a failed launch raises `RuntimeError` with its exit status (its output
+    went to this process's stdout/stderr), and a retry resumes from the newest checkpoint."""
+    import socket
+    import subprocess
+
+    import yaml
+
+    from grpo.checkpoint import latest_checkpoint
+
+    folder = Path(run_dir).expanduser().absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = folder / "launch.yaml"
+    recipe.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+        "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "grpo.launch",
+        "--config", str(recipe), "--run-dir", str(folder), "--steps", str(steps),
+    ]
+    if tracking_uri and run_id:
+        command += ["--tracking-uri", tracking_uri, "--run-id", run_id]
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise RuntimeError(f"torchrun with {processes} ranks exited with status {code}; its output is above")
+    latest = latest_checkpoint(folder)
+    if latest is None:
+        raise RuntimeError(f"torchrun with {processes} ranks left no checkpoint in {folder}")
+    return latest
 
 
 def build_parser() -> argparse.ArgumentParser:

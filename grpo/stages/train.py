@@ -5,6 +5,7 @@
 
 A retry resumes where the failed attempt stopped (the newest complete checkpoint, the metric
 steps it already logged); a retry after a finished round returns that round's checkpoint at once.
+With `pipeline.processes` > 1 the round runs in that many ranks (`grpo.launch.launch_ranks`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def train_round(
     if latest is not None and checkpoint_ref(latest).step >= target:
         return checkpoint_ref(latest)
 
+    if cfg.pipeline.processes > 1:  # data parallel: the round in N ranks, the same checkpoints and MLflow run
+        from grpo.launch import launch_ranks
+
+        return checkpoint_ref(launch_ranks(
+            cfg, folder, target, cfg.pipeline.processes, tracking_uri=tracking_uri, run_id=run_id,
+        ))
     hit = cache.take(policy_key(cfg, latest))
     model, tokenizer = hit if hit is not None else load_policy_at(cfg, None)
     rows = load_split(dataset_ref.train_path)
