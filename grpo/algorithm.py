@@ -11,11 +11,21 @@ Pure torch; the trainer calls one function per phase of a step:
 Shape legend: B prompts, G group size, N = B*G sequences, T completion tokens, P prompt tokens,
 V vocabulary. Run the tests with `pytest -q tests/test_algorithm.py`.
 
-Departures from the GRPO paper (DeepSeekMath), all as in TRL's GRPOTrainer:
-- the ratio is clipped asymmetrically (`epsilon_low`, `epsilon_high`: DAPO's clip-higher);
-- the loss aggregation is selectable: "grpo" (per-sequence token mean, then mean over sequences,
-  as the paper), "bnpo" (mean over all tokens of the batch), "dr_grpo" (sum / (N * max_new_tokens),
-  Dr. GRPO), and advantages may be scaled by the group std (paper), the batch std, or not at all;
+Departures from the GRPO paper (DeepSeekMath, arXiv 2402.03300), all as in TRL's GRPOTrainer:
+- the ratio is clipped asymmetrically (`epsilon_low`, `epsilon_high`: clip-higher of DAPO, Yu et al.
+  2025, arXiv 2503.14476);
+- the loss is selectable (`loss_type`): "grpo" (per-sequence token mean, then mean over sequences,
+  as the paper), "bnpo" (mean over all tokens of this rank's step), "dr_grpo" (sum / (N *
+  max_new_tokens), Dr. GRPO, Liu et al. 2025, arXiv 2503.20783), "dapo" (sum over every token of the
+  step / the step's token count, across micro-batches and data-parallel ranks, DAPO's token-level
+  loss) and "cispo" (the clipped ratio, detached, weighs each token's log-prob: -sg(min(ratio,
+  1 + epsilon_high)) * A * logp, token-level as "dapo"; CISPO of MiniMax-M1, arXiv 2506.13585);
+- the ratio is per token or, with `importance_sampling_level="sequence"`, per sequence: exp of the
+  mean of the sequence's token log-ratios, in GSPO's "GSPO-token" form (Zheng et al. 2025, arXiv
+  2507.18071), with every loss type;
+- advantages may be scaled by the group std (paper), the batch std, or not at all, and several
+  rewards may be normalised each within its group before their weighted sum (GDPO, NVIDIA, arXiv
+  2601.05242; `combined_advantages`);
 - the KL term (k3 estimator, as the paper) is only added when `beta > 0`.
 """
 
@@ -30,10 +40,14 @@ import torch
 from torch import Tensor
 
 from grpo.config import TrainConfig
+from grpo.distributed import global_sum, world_size
 from grpo.errors import TrainingDiverged
 
-LossType = Literal["grpo", "bnpo", "dr_grpo"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
 AdvantageScale = Literal["group", "batch", "none"]
+RewardAggregation = Literal["sum_then_normalize", "normalize_then_sum"]
+TOKEN_LEVEL_LOSSES = ("dapo", "cispo")  # divided by the step's token count over all ranks
 
 
 def group_advantages(
@@ -62,6 +76,64 @@ def group_advantages(
     elif scale != "none":
         raise ValueError(f"scale is {scale!r}; use 'group', 'batch' or 'none'")
     return centred.reshape(-1)  # (N,)
+
+
+def combined_advantages(
+    per_reward: Tensor,
+    weights: Tensor,
+    group_size: int,
+    *,
+    scale: AdvantageScale = "group",
+    aggregation: RewardAggregation = "sum_then_normalize",
+    eps: float = 1e-4,
+) -> Tensor:
+    """Advantages (N,) of K rewards per completion, `per_reward` (N, K) (NaN: the reward has no
+    opinion on that completion), `weights` (K,).
+
+    "sum_then_normalize": `group_advantages` of the weighted sum, NaN counting 0 (TRL's nansum;
+    the same sum, term by term, as `grpo.rewards.score`). "normalize_then_sum" (GDPO; TRL's
+    multi_objective_aggregation="normalize_then_sum"): each reward is normalised within its group,
+    (r - mean) / (std + eps) over the completions it scored (sample std), a reward constant in a
+    group (or scoring fewer than 2 of it) contributing 0 there; then the weighted sum; then, as TRL
+    and the GDPO paper, that sum is normalised over the batch, (s - mean) / (std + eps), to keep
+    the advantages' scale independent of K and the weights. `scale` applies to
+    "sum_then_normalize" only (TRL's `scale_rewards` is likewise not used by normalize_then_sum).
+    Rows no reward scored get advantage 0. The batch is this call's N rows (one rank's).
+    """
+    if per_reward.ndim != 2 or weights.shape != (per_reward.shape[1],):
+        raise ValueError(
+            f"per_reward of shape {tuple(per_reward.shape)} and weights of shape {tuple(weights.shape)}: "
+            "expected (N, K) and (K,)"
+        )
+    r = per_reward.float() if not per_reward.is_floating_point() else per_reward  # (N, K)
+    w = weights.to(dtype=r.dtype, device=r.device)  # (K,)
+    if aggregation == "sum_then_normalize":
+        total = torch.zeros(r.shape[0], dtype=r.dtype, device=r.device)  # (N,)
+        for k in range(r.shape[1]):
+            total = total + w[k] * torch.nan_to_num(r[:, k], nan=0.0)  # (N,)
+        return group_advantages(total, group_size, scale=scale, eps=eps)  # (N,)
+    if aggregation != "normalize_then_sum":
+        raise ValueError(f"aggregation is {aggregation!r}; use 'sum_then_normalize' or 'normalize_then_sum'")
+    if group_size < 2 or r.shape[0] % group_size:
+        raise ValueError(f"{r.shape[0]} rows cannot be split into groups of {group_size} (>= 2)")
+    grouped = r.view(-1, group_size, r.shape[1])  # (B, G, K)
+    present = ~torch.isnan(grouped)  # (B, G, K)
+    values = torch.where(present, grouped, torch.zeros_like(grouped))  # (B, G, K)
+    count = present.sum(dim=1, keepdim=True)  # (B, 1, K)
+    mean = values.sum(dim=1, keepdim=True) / count.clamp(min=1)  # (B, 1, K)
+    centred = torch.where(present, values - mean, torch.zeros_like(values))  # (B, G, K)
+    std = ((centred**2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()  # (B, 1, K)
+    high = torch.where(present, grouped, torch.full_like(grouped, -math.inf)).amax(dim=1, keepdim=True)  # (B, 1, K)
+    low = torch.where(present, grouped, torch.full_like(grouped, math.inf)).amin(dim=1, keepdim=True)  # (B, 1, K)
+    silent = (count < 2) | (high == low)  # (B, 1, K) no spread: this reward says nothing here
+    normed = torch.where(silent, torch.zeros_like(centred), centred / (std + eps))  # (B, G, K)
+    summed = (normed * w).sum(dim=2).reshape(-1)  # (N,)
+    scored = present.reshape(r.shape).any(dim=1)  # (N,) rows at least one reward scored
+    if int(scored.sum()) < 2:
+        return torch.zeros_like(summed)  # (N,)
+    batch = summed[scored]  # (n_scored,)
+    adv = (summed - batch.mean()) / (batch.std() + eps)  # (N,)
+    return torch.where(scored, adv, torch.zeros_like(adv))  # (N,)
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
@@ -140,6 +212,26 @@ def _forward_logprobs(
     return selective_log_softmax(logits, completion_ids)  # (N, T)
 
 
+def importance_log_ratio(
+    logp: Tensor, old_logp: Tensor, mask: Tensor, level: ImportanceSamplingLevel = "token"
+) -> Tensor:
+    """Log importance ratio (N, T) of each completion token against the sampling policy.
+
+    "token": logp - old_logp. "sequence" (GSPO): the mean of logp - old_logp over the sequence's
+    masked tokens, the same value at each of its tokens, in the GSPO-token form
+    sg[seq] + logp - sg[logp]: its gradient w.r.t. logp[i, t] is 1 at (i, t), so exp() of it,
+    s_i * pi_t / sg[pi_t], has the value of the sequence ratio s_i and d/dlogp[i, t] = s_i.
+    """
+    if level == "token":
+        return logp - old_logp  # (N, T)
+    if level != "sequence":
+        raise ValueError(f"importance_sampling_level is {level!r}; use 'token' or 'sequence'")
+    m = mask.to(logp.dtype)  # (N, T)
+    delta = torch.where(mask.bool(), logp - old_logp, torch.zeros_like(logp))  # (N, T)
+    seq = delta.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (N,)
+    return seq.detach().unsqueeze(1) + (logp - logp.detach())  # (N, T)
+
+
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -155,21 +247,28 @@ def grpo_loss(
     num_sequences: int | None = None,
     num_tokens: float | Tensor | None = None,
     is_weight: Tensor | None = None,
+    importance_sampling_level: ImportanceSamplingLevel = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The clipped GRPO surrogate (+ beta * k3 KL), aggregated per `loss_type`.
+    """The clipped GRPO surrogate (or CISPO's) (+ beta * k3 KL), aggregated per `loss_type`.
 
-    Per token: ratio = exp(logp - old_logp);
+    Per token: ratio = exp(`importance_log_ratio`) (per token, or GSPO's per sequence);
     loss = -min(ratio * A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A) + beta * KL,
+    for "cispo" loss = -sg(min(ratio, 1 + epsilon_high)) * A * logp + beta * KL;
     KL = exp(ref - logp) - (ref - logp) - 1. Aggregation over the masked tokens:
     "grpo" = mean over sequences of each sequence's token mean (a fully masked sequence adds 0
-    but still counts), "bnpo" = sum / number of mask tokens, "dr_grpo" = sum / (N * max_new_tokens).
+    but still counts), "bnpo", "dapo" and "cispo" = sum / `num_tokens` (default: this call's
+    mask tokens), "dr_grpo" = sum / (N * max_new_tokens).
 
     For gradient accumulation pass `num_sequences` and `num_tokens` of the WHOLE batch: the
-    losses of its micro-batches then sum to the full-batch loss. Stats are detached masked token
-    means over this call's tokens (weight them by stats["num_tokens"] to combine micro-batches):
-    "kl"; "clip_low" = (ratio < 1 - epsilon_low) & (A < 0) and "clip_high" =
-    (ratio > 1 + epsilon_high) & (A > 0), the tokens whose gradient the clip removes (TRL's
-    definition); "clip_fraction" = either of them.
+    losses of its micro-batches then sum to the full-batch loss. For "dapo"/"cispo" under data
+    parallelism `num_tokens` is the step's token count over all ranks divided by the world size
+    (`policy_update` does this), so that the ranks' averaged gradients are the global token mean's.
+    Stats are detached masked token means over this call's tokens (weight them by
+    stats["num_tokens"] to combine micro-batches): "kl"; "ratio"; "clip_low" = (ratio < 1 -
+    epsilon_low) & (A < 0) and "clip_high" = (ratio > 1 + epsilon_high) & (A > 0), the tokens
+    whose gradient the clip removes (TRL's definition); for "cispo" "clip_low" is 0 (no lower
+    bound) and "clip_high" = (ratio > 1 + epsilon_high) & (A != 0), the tokens whose weight the cap
+    lowers; "clip_fraction" = either of them. At sequence level a sequence's tokens share its ratio.
 
     `is_weight` (N, T), optional: the importance-sampling correction between the sampler that drew
     the completions (vLLM) and this model (`importance_weights`); it multiplies each token's
@@ -179,9 +278,13 @@ def grpo_loss(
         raise ValueError("beta > 0 needs ref_logp (the reference model's log-probs); pass it or set beta=0")
     m = mask.to(logp.dtype)  # (N, T)
     adv = advantages.to(logp.dtype).unsqueeze(1)  # (N, 1)
-    ratio = torch.exp(logp - old_logp)  # (N, T)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # (N, T)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # (N, T)
+    ratio = torch.exp(importance_log_ratio(logp, old_logp, mask, importance_sampling_level))  # (N, T)
+    if loss_type == "cispo":
+        weight = torch.clamp(ratio, max=1 + epsilon_high).detach()  # (N, T)
+        per_token = -weight * adv * logp  # (N, T)
+    else:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # (N, T)
+        per_token = -torch.min(ratio * adv, clipped * adv)  # (N, T)
     if is_weight is not None:
         per_token = per_token * is_weight.to(per_token.dtype)  # (N, T)
     if ref_logp is not None:
@@ -193,22 +296,29 @@ def grpo_loss(
         kl = torch.zeros_like(logp)  # (N, T)
 
     n = num_sequences if num_sequences is not None else logp.shape[0]
+    total = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=m.dtype, device=m.device)  # ()
     if loss_type == "grpo":
         seq_mean = (per_token * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (N,)
         loss = seq_mean.sum() / n  # ()
     elif loss_type == "bnpo":
-        total = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=m.dtype, device=m.device)  # ()
         loss = (per_token * m).sum() / total.clamp(min=1.0)  # ()
+    elif loss_type in TOKEN_LEVEL_LOSSES:
+        # a rank's share of the global count may be below 1; no tokens anywhere: the sum is 0
+        loss = (per_token * m).sum() / torch.where(total > 0, total, torch.ones_like(total))  # ()
     elif loss_type == "dr_grpo":
         loss = (per_token * m).sum() / (n * max_new_tokens)  # ()
     else:
-        raise ValueError(f"loss_type is {loss_type!r}; use 'grpo', 'bnpo' or 'dr_grpo'")
+        raise ValueError(f"loss_type is {loss_type!r}; use 'grpo', 'bnpo', 'dr_grpo', 'dapo' or 'cispo'")
 
     with torch.no_grad():
         count = m.sum()  # ()
         denom = count.clamp(min=1.0)  # ()
-        low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(m.dtype)  # (N, T)
-        high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(m.dtype)  # (N, T)
+        if loss_type == "cispo":
+            low = torch.zeros_like(m)  # (N, T)
+            high = ((ratio > 1 + epsilon_high) & (adv != 0)).to(m.dtype)  # (N, T)
+        else:
+            low = ((ratio < 1 - epsilon_low) & (adv < 0)).to(m.dtype)  # (N, T)
+            high = ((ratio > 1 + epsilon_high) & (adv > 0)).to(m.dtype)  # (N, T)
         stats = {
             "kl": (kl * m).sum() / denom,  # ()
             "clip_low": (low * m).sum() / denom,  # ()
@@ -307,7 +417,11 @@ def policy_update(
     nothing to the loss or its gradient and are not run (`skipped_rows`); results are the same.
     `logprobs_fn` replaces `completion_logprobs` (same signature), e.g. by
     `grpo.fastpath.completion_logprobs_fast`. `is_weight` (N, T): the importance-sampling weights
-    of `importance_weights`, applied to every token's surrogate.
+    of `importance_weights`, applied to every token's surrogate. `cfg.loss_type` "dapo"/"cispo":
+    each rank divides its token sum by (the step's token count summed over the data-parallel
+    ranks) / (world size) (one all-reduce, `grpo.distributed.global_sum`; every rank must call
+    this), so the ranks' averaged gradient is exactly the global token mean's, and their "loss"
+    values average to the global loss.
     """
     if cfg.num_iterations > 1 and old_logp is None:
         raise ValueError(
@@ -320,12 +434,15 @@ def policy_update(
     mask = rollout.completion_mask.to(device)  # (N, T)
     mask = mask * keep if keep is not None else mask  # (N, T)
     num_tokens = float(mask.sum())
+    loss_tokens = num_tokens  # the loss's divisor: this rank's step token count (bnpo)
+    if cfg.loss_type in TOKEN_LEVEL_LOSSES:  # sum_rank(local_sum) / global_count = mean_rank(local_sum / (global / W))
+        loss_tokens = global_sum(num_tokens) / world_size()
     adv = advantages.to(device)  # (N,)
     totals: dict[str, float] = {}
     for _ in range(cfg.num_iterations):
         epoch = _accumulate_gradients(
             model, rollout, adv, mask, old_logp, ref_logp, cfg=cfg, temperature=temperature,
-            max_new_tokens=max_new_tokens, num_tokens=num_tokens, device=device,
+            max_new_tokens=max_new_tokens, num_tokens=num_tokens, loss_tokens=loss_tokens, device=device,
             logprobs_fn=logprobs_fn or completion_logprobs, is_weight=is_weight,
         )
         t0 = time.perf_counter()
@@ -363,10 +480,13 @@ def _accumulate_gradients(
     device: torch.device,
     logprobs_fn: Callable[..., Tensor],
     is_weight: Tensor | None = None,
+    loss_tokens: float | None = None,
 ) -> dict[str, float]:
     """Forward + backward of every micro-batch of one epoch; returns its summed loss and stats.
 
-    Shapes with a lower-case n are those of one micro-batch (n <= N rows).
+    `num_tokens`: the step's mask tokens on this rank (weights the stats); `loss_tokens`: the
+    divisor passed to `grpo_loss` (default `num_tokens`). Shapes with a lower-case n are those of
+    one micro-batch (n <= N rows).
     """
     n = mask.shape[0]
     loss_sum = t_forward = t_backward = 0.0
@@ -374,8 +494,9 @@ def _accumulate_gradients(
     order = torch.arange(n)  # (n_run,) the rows that run forward and backward
     if cfg.beta == 0 and ref_logp is None and old_logp is None and cfg.num_iterations == 1:
         # Without a KL term and with ratio = 1, a row whose advantage is 0 adds exactly 0 to the
-        # loss and to its gradient: only the other rows run. The skipped tokens' stats are known
-        # (kl 0, no clipping, ratio 1) and are added below, so every number is the same.
+        # loss and to its gradient, for every loss type and level (each row's loss is A times a
+        # function of its own tokens; the divisors count all rows): only the other rows run. The
+        # skipped tokens' stats are known (kl 0, no clipping, ratio 1) and are added below.
         order = (adv != 0).nonzero().squeeze(1).cpu()  # (n_run,)
         weighted["ratio"] = num_tokens - float(mask[order.to(mask.device)].sum())
     for start in range(0, int(order.shape[0]), cfg.micro_batch_size):
@@ -395,8 +516,9 @@ def _accumulate_gradients(
             logp, old, ref, adv[rows], mask[rows],
             epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
             loss_type=cfg.loss_type, max_new_tokens=max_new_tokens,
-            num_sequences=n, num_tokens=num_tokens,
+            num_sequences=n, num_tokens=num_tokens if loss_tokens is None else loss_tokens,
             is_weight=is_weight[rows].to(device) if is_weight is not None else None,
+            importance_sampling_level=cfg.importance_sampling_level,
         )
         t1 = time.perf_counter()
         loss.backward()

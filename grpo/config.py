@@ -293,10 +293,11 @@ class TrainConfig(Section):
     )
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo"] = Field(
         "grpo",
-        description="grpo: token mean per sequence, then mean (DeepSeekMath); bnpo: token mean of each "
-        "micro-batch; dr_grpo: sum / (N * max_new_tokens) (Dr. GRPO); dapo: token sum over the whole step / "
-        "the step's token count, across micro-batches and ranks (DAPO; TRL's default); cispo: the clipped, "
-        "detached ratio weighs each token's log-prob (CISPO, MiniMax-M1), token mean as dapo.",
+        description="grpo: token mean per sequence, then mean (DeepSeekMath); bnpo: token mean over the "
+        "step on this rank (ranks weighted equally); dr_grpo: sum / (N * max_new_tokens) (Dr. GRPO); dapo: "
+        "token sum over the whole step / the step's token count, across micro-batches and ranks (DAPO; TRL's "
+        "default); cispo: the clipped, detached ratio weighs each token's log-prob (CISPO, MiniMax-M1), "
+        "divided as dapo.",
     )
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token",

@@ -17,7 +17,10 @@ update is what DDP would do at the last micro-batch anyway.
 Not in the paper: the paper does not discuss distribution; averaging per-rank gradients of
 per-rank losses equals the gradient of the global batch's loss for the "grpo" and "dr_grpo" loss
 aggregations when every rank holds the same number of sequences (for "bnpo" it weights ranks
-equally rather than by their token counts).
+equally rather than by their token counts). "dapo" and "cispo" are exact for any token counts:
+`grpo.algorithm.policy_update` sums the step's token count over the ranks (`global_sum`) and
+divides each rank's token sum by that count / world size, so the mean of the ranks' gradients is
+the gradient of (all ranks' token sum) / (global token count).
 """
 
 from __future__ import annotations
@@ -111,6 +114,27 @@ def average_gradients(params: Iterable[Tensor]) -> None:
         flat /= world
         for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(chunk.view_as(g))
+
+
+def global_sum(x: float) -> float:
+    """`x` summed over the ranks, the same on every rank (`x` itself without a process group).
+
+    A collective: every rank must call it, in the same order as its other collectives."""
+    if not _initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_collective_device())  # (1,)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item())
+
+
+def global_max(x: int | float) -> int | float:
+    """The largest `x` over the ranks, the same on every rank (`x` itself without a process
+    group); an int comes back an int. A collective, like `global_sum`."""
+    if not _initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_collective_device())  # (1,)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) if isinstance(x, int) else float(t.item())
 
 
 def gather_metrics(metrics: dict[str, float]) -> dict[str, float]:

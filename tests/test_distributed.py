@@ -11,6 +11,9 @@ rank, G = 4, and logs to a real sqlite MLflow store. The test then checks that:
 - the gradients were averaged: both ranks end with bit-identical adapters, equal to a reference
   that runs the two ranks in this process and replaces each rank's gradients by their exact mean,
   and different from rank 0 trained on its own prompts without averaging;
+- with loss_type "dapo" (token sum / the step's token count over both ranks), the adapter equals
+  one process updating on the union of both ranks' rows, while the ranks' token counts differ, so
+  that the mean of per-rank token means (the "grpo" reference above) is a different update;
 - rank 0 alone wrote exactly one checkpoint, and the metrics (averaged over the ranks) were logged
   once per step to metrics.jsonl and to MLflow.
 torchrun is run as `python -m torch.distributed.run` (the module behind the `torchrun` command).
@@ -18,11 +21,14 @@ torchrun is run as `python -m torch.distributed.run` (the module behind the `tor
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +97,19 @@ def _adapter(model) -> dict[str, torch.Tensor]:
 
 
 class _Captured(Exception):
-    """Stops a step right after its backward passes, its gradients captured."""
+    """Stops a step right after its backward passes, its gradients captured (or, in the union
+    reference, before its update, its rows captured)."""
+
+
+@contextlib.contextmanager
+def _replayable(t: GRPOTrainer) -> Iterator[None]:
+    """A step of `t` stopped by `_Captured`, to be run again: the trainer's counters (e.g. the
+    data position, advanced when the step's prompts are drawn) are put back afterwards."""
+    counters = {k: v for k, v in vars(t).items() if type(v) is int and not k.startswith("_")}
+    with pytest.raises(_Captured):
+        yield
+    for k, v in counters.items():
+        setattr(t, k, v)
 
 
 def _reference(cfg, rows, *, average: bool):
@@ -131,7 +149,7 @@ def _reference(cfg, rows, *, average: bool):
 
         for _ in range(STEPS):
             t1.grad_hook = capture  # rank 1's gradients of this step, without stepping
-            with pytest.raises(_Captured):
+            with _replayable(t1):
                 t1.step()
             t1.optimizer.zero_grad(set_to_none=True)
             t0.grad_hook = mean_with(0, 1)
@@ -143,9 +161,88 @@ def _reference(cfg, rows, *, average: bool):
         torch.set_num_threads(threads)
 
 
-def test_two_processes_train_one_model(tiny_model_dir, mlflow_uri, tmp_path):
+def _pad_cat(a: torch.Tensor, b: torch.Tensor, value: int | float, *, left: bool) -> torch.Tensor:
+    """Rows of a then rows of b, the narrower one padded with `value` on the left or the right."""
+    width = max(a.shape[1], b.shape[1])
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        fill = torch.full((x.shape[0], width - x.shape[1]), value, dtype=x.dtype, device=x.device)
+        return torch.cat([fill, x] if left else [x, fill], dim=1)
+
+    return torch.cat([pad(a), pad(b)], dim=0)
+
+
+def _union(first, second):
+    """(rollout, advantages, ref log-probs) of rank 0's rows followed by rank 1's, one batch."""
+    (ra, adv_a, ref_a), (rb, adv_b, ref_b) = first, second
+    pad_id = 0  # padded positions are masked out; any id will do
+    rollout = dataclasses.replace(
+        ra,
+        prompt_ids=_pad_cat(ra.prompt_ids, rb.prompt_ids, pad_id, left=True),
+        prompt_mask=_pad_cat(ra.prompt_mask, rb.prompt_mask, 0, left=True),
+        completion_ids=_pad_cat(ra.completion_ids, rb.completion_ids, pad_id, left=False),
+        completion_mask=_pad_cat(ra.completion_mask, rb.completion_mask, 0, left=False),
+        texts=list(ra.texts) + list(rb.texts),
+        truncated=torch.cat([ra.truncated, rb.truncated]),
+        sampler_logp=None,
+    )
+    ref = _pad_cat(ref_a, ref_b, 0.0, left=False) if ref_a is not None else None
+    return rollout, torch.cat([adv_a, adv_b]), ref
+
+
+def _union_reference(cfg, rows):
+    """One process, one update per step on the union of both ranks' rows (each rank's rollout
+    sampled as under torchrun, from the same adapter): both in-process trainers apply that same
+    update. Returns (rank 0 adapter, rank 1 adapter, per-step local metrics of each rank, per-step
+    token counts of each rank)."""
+
+    def trainer(rank: int) -> GRPOTrainer:
+        seed_everything(cfg.train.seed)
+        model, tok = load_policy(cfg)
+        return GRPOTrainer(cfg, model, tok, rows, reward_fns=[("even_tokens", even_tokens)],
+                           total_steps=STEPS, rank=rank, world_size=WORLD)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainers = [trainer(0), trainer(1)]
+        hist: list[list[dict]] = [[], []]
+        counts: list[list[int]] = [[], []]
+        def on_union(t: GRPOTrainer, rank: int, batches: dict[int, tuple]):
+            """`t.update` that records its rank's rows of the step, then (rank 1's first call:
+            stops there) updates on the union of both ranks' rows."""
+
+            def update(rollout, adv, old, ref, is_weight=None):
+                assert old is None and is_weight is None  # one epoch, no sampler correction
+                if rank not in batches:
+                    batches[rank] = (rollout, adv, ref)
+                    counts[rank].append(int(rollout.completion_mask.sum()))
+                if len(batches) < WORLD:
+                    raise _Captured
+                union, union_adv, union_ref = _union(batches[0], batches[1])
+                return GRPOTrainer.update(t, union, union_adv, None, union_ref)
+
+            return update
+
+        for _ in range(STEPS):
+            batches: dict[int, tuple] = {}
+            trainers[1].update = on_union(trainers[1], 1, batches)
+            with _replayable(trainers[1]):  # rank 1's rows of this step, without an update
+                trainers[1].step()
+            for rank, t in enumerate(trainers):
+                t.update = on_union(t, rank, batches)
+                hist[rank].append(t.step())
+        return _adapter(trainers[0].model), _adapter(trainers[1].model), hist, counts
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_two_processes_train_one_model(tiny_model_dir, mlflow_uri, tmp_path, loss_type):
     run_dir = tmp_path / "run"
-    overrides = _overrides(tiny_model_dir, tmp_path / "data")
+    overrides = [*_overrides(tiny_model_dir, tmp_path / "data"), f"train.loss_type={loss_type}"]
+    if loss_type == "dapo":  # no LoRA dropout: one process's masks over the union would differ from the ranks'
+        overrides.append("lora.dropout=0.0")
     run_id = tracking.start_run(mlflow_uri, "distributed-test", "dp-2")
     script = tmp_path / "launch_with_reward.py"
     script.write_text(SCRIPT)
@@ -189,9 +286,23 @@ def test_two_processes_train_one_model(tiny_model_dir, mlflow_uri, tmp_path):
     trained = load_file(str(run_dir / "checkpoints" / ckpts[0] / "adapter_model.safetensors"))
     ref0, ref1, hist = _reference(cfg, rows, average=True)
     assert set(trained) == set(ref0)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    if loss_type == "dapo":
+        # ... dapo: the union of both ranks' rows in one process, not the mean of the ranks' own
+        # token means (that exact-mean reference, with unequal token counts, is another update).
+        # The union sums its micro-batches' gradients in another order; AdamW's first steps,
+        # g / (|g| + 1e-8), turn those last-bit differences of near-zero components into up to
+        # ~2e-5, hence the wider tolerance; weighting the ranks equally misses it by far (here
+        # by ~2e-4 on a typical weight and up to 4e-2, with 58 and 61 tokens on the ranks at step 1).
+        tol = dict(rtol=1e-4, atol=1e-4)
+        mean_of_ranks = ref0
+        ref0, ref1, hist, counts = _union_reference(cfg, rows)
+        assert any(c0 != c1 for c0, c1 in zip(*counts)), f"equal token counts per rank {counts}"
+        equal_weights_pass = all(torch.allclose(trained[k], mean_of_ranks[k], **tol) for k in ref0)
+        assert not equal_weights_pass, f"weighting the ranks equally gives the same adapter; counts {counts}"
     for k in ref0:
         torch.testing.assert_close(ref0[k], ref1[k], rtol=0, atol=0)
-        torch.testing.assert_close(trained[k], ref0[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(trained[k], ref0[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
     # ... and differs from rank 0 trained alone on its own prompts
     alone, _, _ = _reference(cfg, rows, average=False)
     gap = max((trained[k] - alone[k]).abs().max().item() for k in ref0)
@@ -206,6 +317,8 @@ def test_two_processes_train_one_model(tiny_model_dir, mlflow_uri, tmp_path):
         longest = max(local0["completion_length_max"], local1["completion_length_max"])
         assert m["completion_length_max"] == longest
         assert m["grad_norm"] == pytest.approx(local0["grad_norm"], rel=1e-4)
+        if loss_type == "dapo":  # each rank's token sum / (global count / 2), averaged: the union's loss
+            assert m["loss"] == pytest.approx(local0["loss"], rel=1e-4, abs=1e-7)
     from mlflow import MlflowClient
 
     history = MlflowClient(mlflow_uri).get_metric_history(run_id, "reward_mean")
