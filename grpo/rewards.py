@@ -359,6 +359,31 @@ class Scores:
     per_fn: dict[str, torch.Tensor]
     errors: dict[str, int]
 
+    def matrix(self) -> torch.Tensor:
+        """Each reward's values side by side, (N, K) in reward order (NaN: no opinion)."""
+        import torch
+
+        return torch.stack(list(self.per_fn.values()), dim=1)  # (N, K)
+
+    def select(self, rows: Sequence[int]) -> Scores:
+        """The scores of `rows` only (errors keep their counts: they happened)."""
+        import torch
+
+        index = torch.as_tensor(list(rows), dtype=torch.long)  # (n,)
+        return Scores(self.total[index], {k: v[index] for k, v in self.per_fn.items()}, dict(self.errors))
+
+    @staticmethod
+    def concat(parts: Sequence[Scores]) -> Scores:
+        """Scores of several batches, rows in order; error counts added."""
+        import torch
+
+        names = list(parts[0].per_fn)
+        return Scores(
+            torch.cat([p.total for p in parts]),  # (N,)
+            {k: torch.cat([p.per_fn[k] for p in parts]) for k in names},
+            {k: sum(p.errors.get(k, 0) for p in parts) for k in names},
+        )
+
     def metrics(self, prefix: str = "reward/") -> dict[str, float]:
         """`reward/<name>`: each reward's mean over the completions it scored (NaN when it had no
         opinion on any); `reward/<name>/errors`: how many completions it raised on. The same keys

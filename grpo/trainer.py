@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from grpo.algorithm import group_advantages, importance_weights, policy_update
+from grpo.algorithm import combined_advantages, importance_weights, policy_update
 from grpo.config import RunConfig
 from grpo.distributed import average_gradients, gather_metrics
+from grpo.distributed import global_max as dp_max
 from grpo.engines import Engine, Rollout, keep_freed_memory, make_engine
 from grpo.envs import Env, env_for
 from grpo.errors import TrainingDiverged
@@ -85,7 +86,8 @@ class Batch:
 
 
 class _Clock:
-    """Wall-clock seconds per named phase: `with clock("generation"): ...` -> time/generation_s."""
+    """Wall-clock seconds per named phase, summed over its uses: `with clock("generation"): ...` ->
+    time/generation_s."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -95,7 +97,8 @@ class _Clock:
     def __call__(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
-        self.seconds[f"time/{name}_s"] = time.perf_counter() - t0
+        key = f"time/{name}_s"
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -146,6 +149,10 @@ class GRPOTrainer:
         self.total_steps = total_steps or cfg.total_steps
         self.scheduler = make_scheduler(self.optimizer, t.lr_schedule, t.warmup_steps, self.total_steps)
         self.step_count = 0
+        self.position = 0
+        """Prompts of the data order consumed by all ranks so far (B * W per generation batch)."""
+        self.trained_indices: list[int] = []
+        """Dataset rows of the groups the last step trained on (dynamic sampling: the informative ones)."""
         self._perm_epoch = -1
         self._perm: list[int] = []
         if not 0 <= rank < world_size:
@@ -162,21 +169,23 @@ class GRPOTrainer:
 
     def state(self) -> dict[str, Any]:
         """Counters a checkpoint stores next to the adapter, optimizer and scheduler."""
-        b = self.cfg.train.prompts_per_step
-        return {"step": self.step_count, "data_position": self.step_count * b * self.world_size}
+        return {"step": self.step_count, "data_position": self.position}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Take the counters of a loaded checkpoint; the engine re-syncs the loaded adapter."""
         self.step_count = int(state["step"])
+        b = self.cfg.train.prompts_per_step
+        self.position = int(state.get("data_position", self.step_count * b * self.world_size))
         self.engine.sync(self.model)
 
     # -- phases ------------------------------------------------------------------------------
 
-    def next_batch(self) -> Batch:
-        """B rows in a seeded per-epoch order; the position is derived from the step count."""
+    def next_batch(self, k: int = 0) -> Batch:
+        """B rows in a seeded per-epoch order: this rank's share of the step's k-th generation
+        batch (k > 0: dynamic sampling's refills), from the prompts consumed so far (`position`)."""
         b, n = self.cfg.train.prompts_per_step, len(self.rows)
         indices = []
-        first = (self.step_count * self.world_size + self.rank) * b  # this rank's share of the step
+        first = self.position + (k * self.world_size + self.rank) * b
         for pos in range(first, first + b):
             epoch, i = divmod(pos, n)
             if epoch != self._perm_epoch:
@@ -196,9 +205,79 @@ class GRPOTrainer:
             min_new_tokens=self.cfg.generation.min_new_tokens,
         )
 
-    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+    def score(self, batch: Batch, rollout: Rollout) -> Scores:
+        """Every reward on every completion (the batch's columns repeated per completion, plus the
+        completion token ids)."""
+        columns = batch.repeat(self.cfg.train.group_size)
+        columns["completion_ids"] = [
+            ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)
+        ]
+        return score(rollout.texts, columns, self.reward_fns, self.cfg.train.reward_weights)
+
+    def informative(self, scores: Scores) -> torch.Tensor:
+        """(B,) bool: groups whose advantages are not all zero, i.e. whose total reward varies (with
+        normalize_then_sum: any one reward varies)."""
+        g = self.cfg.train.group_size
+        values = scores.total[:, None]  # (N, 1)
+        if self.cfg.train.reward_aggregation == "normalize_then_sum":
+            values = scores.matrix().nan_to_num(nan=0.0)  # (N, K)
+        grouped = values.view(-1, g, values.shape[1])  # (B, G, K)
+        return (grouped.std(dim=1) > 1e-6).any(dim=1)  # (B,)
+
+    def gather(self, seed: int, clock: _Clock) -> tuple[Rollout, Scores, Rollout, Scores, dict[str, float]]:
+        """Sample and score the step's B prompts -> (trained rollout, its scores, every sampled
+        rollout, their scores, dynamic-sampling metrics). With `train.dynamic_sampling` (DAPO),
+        groups whose rewards all agree are dropped and further batches of B prompts are sampled
+        until B informative groups are kept or `max_generation_batches` is reached (then the step
+        trains on what there is; on the first batch when none is informative)."""
+        t, g = self.cfg.train, self.cfg.train.group_size
+        ds = t.dynamic_sampling
+        rollouts: list[Rollout] = []
+        scored: list[Scores] = []
+        kept: list[int] = []  # informative groups, numbered across the batches
+        indices: list[int] = []
+        for k in range(ds.max_generation_batches if ds.enabled else 1):
+            with clock("generation"):
+                batch = self.next_batch(k)
+                rollouts.append(self.sample(batch, seed + k * 104_729))  # N = B*G rows per batch
+            with clock("score"):
+                scored.append(self.score(batch, rollouts[-1]))
+            indices += batch.indices
+            if not ds.enabled:
+                break
+            kept += [k * len(batch.indices) + i for i in self.informative(scored[-1]).nonzero().flatten().tolist()]
+            if len(kept) >= t.prompts_per_step:
+                break
+        self.engine.sleep()  # vLLM frees its memory for the passes below; generate wakes it
+        batches = len(rollouts)
+        used = dp_max(batches) if ds.enabled and self.world_size > 1 else batches  # the same on every rank
+        self.position += self.world_size * t.prompts_per_step * used
+        sampled, sampled_scores = Rollout.concat(rollouts, self._pad_id()), Scores.concat(scored)
+        if not ds.enabled:
+            self.trained_indices = indices
+            return sampled, sampled_scores, sampled, sampled_scores, {}
+        groups = kept[: t.prompts_per_step] or list(range(len(rollouts[0].texts) // g))
+        rows = torch.tensor([q * g + j for q in groups for j in range(g)])  # (n,) rows of the kept groups
+        self.trained_indices = [indices[q] for q in groups]
+        metrics = {
+            "dynamic/generation_batches": float(batches),
+            "dynamic/prompts_sampled": float(len(indices)),
+            "dynamic/groups_dropped": float(len(indices) - len(kept)),
+            "dynamic/groups_trained": float(len(groups)),
+        }
+        return sampled.select(rows), sampled_scores.select(rows.tolist()), sampled, sampled_scores, metrics
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def advantages(self, scores: Scores) -> torch.Tensor:
+        """(N,) advantages of the scored completions (`train.reward_aggregation`)."""
         t = self.cfg.train
-        return group_advantages(rewards, t.group_size, scale=t.advantage_scale)  # (N,)
+        weights = torch.tensor(t.reward_weights or [1.0] * len(scores.per_fn))  # (K,)
+        return combined_advantages(
+            scores.matrix(), weights, t.group_size, scale=t.advantage_scale, aggregation=t.reward_aggregation
+        )  # (N,)
 
     def logprobs(self, rollout: Rollout, *, adapter: bool = True) -> torch.Tensor:
         """Per-token log-probs (N, T) of the rollout's completions, with or without the adapter,
@@ -267,18 +346,9 @@ class GRPOTrainer:
         clock = _Clock()
         seed = step_seed(self.cfg.train.seed, self.step_count) + self.rank
         torch.manual_seed(seed)
-        with clock("generation"):
-            batch = self.next_batch()
-            rollout = self.sample(batch, seed)  # texts: N = B*G
-            self.engine.sleep()  # vLLM frees its memory for the passes below; generate wakes it
+        rollout, scores, sampled, sampled_scores, dynamic = self.gather(seed, clock)  # N = B*G rows
         with clock("score"):
-            columns = batch.repeat(self.cfg.train.group_size)
-            columns["completion_ids"] = [
-                ids[mask.bool()].tolist() for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)
-            ]
-            scores = score(rollout.texts, columns, self.reward_fns, self.cfg.train.reward_weights)
-            rewards = scores.total  # (N,)
-            adv = self.advantages(rewards)  # (N,)
+            adv = self.advantages(scores)  # (N,)
         with clock("reference"):
             old, ref = self.old_and_reference_logprobs(rollout)
             is_weight, is_stats = self.correction(rollout)
@@ -295,13 +365,14 @@ class GRPOTrainer:
         gen_s = clock.seconds["time/generation_s"]
         metrics = {
             "step": self.step_count,
-            **self.rollout_metrics(rollout, scores),
+            **self.rollout_metrics(sampled, sampled_scores),
+            **dynamic,
             **update,
             **is_stats,
             **clock.seconds,
             "lr": self.scheduler.get_last_lr()[0],
             "step_time_s": clock.elapsed(),
-            "completion_tokens_per_s": float(rollout.completion_mask.sum()) / max(gen_s, 1e-9),
+            "completion_tokens_per_s": float(sampled.completion_mask.sum()) / max(gen_s, 1e-9),
         }
         return gather_metrics(metrics) if self.world_size > 1 else metrics
 
@@ -328,15 +399,25 @@ class GRPOTrainer:
         every: int = 0,
         callback: Callable[[GRPOTrainer], None] | None = None,
         progress: bool = True,
+        eval_accuracy: float | None = None,
     ) -> list[dict[str, float]]:
-        """Run `num_steps` steps; `on_step(metrics)` after each, `callback(self)` every `every`."""
+        """Run `num_steps` steps; `on_step(metrics)` after each, `callback(self)` every `every`.
+
+        The progress bar shows what moves: the mean reward, the share of groups whose rewards all
+        agree (no signal), the gradient norm and the last evaluation's accuracy (`eval_accuracy`,
+        when the caller has one), not the loss, which is ~0 by construction with beta 0 and one
+        update epoch (see the README)."""
         history = []
         bar = tqdm(total=num_steps, desc="GRPO", unit="step", disable=not progress, dynamic_ncols=True)
+        shown = {} if eval_accuracy is None else {"eval_acc": f"{eval_accuracy:.3f}"}
         for _ in range(num_steps):
             metrics = self.step()
             history.append(metrics)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            bar.set_postfix(
+                reward=f"{metrics['reward_mean']:.3f}", zero_std=f"{metrics['frac_zero_std_groups']:.2f}",
+                grad_norm=f"{metrics['grad_norm']:.3f}", **shown,
+            )
             if on_step:
                 on_step(metrics)
             if callback and every and self.step_count % every == 0:

@@ -35,6 +35,46 @@ class Rollout:
     def num_sequences(self) -> int:
         return int(self.completion_ids.shape[0])
 
+    def select(self, rows: Tensor) -> Rollout:
+        """The rollout of `rows` (n,) only, in that order."""
+        rows = rows.to(self.completion_ids.device)
+        logp = self.sampler_logp
+        return Rollout(
+            prompt_ids=self.prompt_ids[rows],  # (n, P)
+            prompt_mask=self.prompt_mask[rows],  # (n, P)
+            completion_ids=self.completion_ids[rows],  # (n, T)
+            completion_mask=self.completion_mask[rows],  # (n, T)
+            texts=[self.texts[i] for i in rows.tolist()],
+            truncated=self.truncated[rows],  # (n,)
+            sampler_logp=logp[rows] if logp is not None else None,  # (n, T)
+        )
+
+    @staticmethod
+    def concat(parts: list[Rollout], pad_id: int) -> Rollout:
+        """Several rollouts as one, rows in order: prompts left-padded and completions right-padded
+        to the longest of them (masks 0 on the padding)."""
+        if len(parts) == 1:
+            return parts[0]
+        p_len = max(r.prompt_ids.shape[1] for r in parts)
+        t_len = max(r.completion_ids.shape[1] for r in parts)
+
+        def left(x: Tensor, value: int) -> Tensor:  # (n, p) -> (n, P)
+            return torch.nn.functional.pad(x, (p_len - x.shape[1], 0), value=value)
+
+        def right(x: Tensor, value: float) -> Tensor:  # (n, t) -> (n, T)
+            return torch.nn.functional.pad(x, (0, t_len - x.shape[1]), value=value)
+
+        logps = [r.sampler_logp for r in parts]
+        return Rollout(
+            prompt_ids=torch.cat([left(r.prompt_ids, pad_id) for r in parts]),  # (N, P)
+            prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in parts]),  # (N, P)
+            completion_ids=torch.cat([right(r.completion_ids, pad_id) for r in parts]),  # (N, T)
+            completion_mask=torch.cat([right(r.completion_mask, 0) for r in parts]),  # (N, T)
+            texts=[t for r in parts for t in r.texts],
+            truncated=torch.cat([r.truncated for r in parts]),  # (N,)
+            sampler_logp=None if any(x is None for x in logps) else torch.cat([right(x, 0.0) for x in logps]),
+        )
+
 
 # --------------------------------------------------------------------------- helpers
 

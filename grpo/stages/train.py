@@ -77,7 +77,9 @@ def train_round(
             tracking.log_metrics(tracking_uri, run_id, values, step=step)
             logged.add(step)
 
-    trainer.train(target - trainer.step_count, on_step=on_step, progress=progress)
+    evaluations = tracking.metric_history(tracking_uri, run_id, "eval/accuracy")  # shown in the bar
+    last_accuracy = max(evaluations, key=lambda m: m.step).value if evaluations else None
+    trainer.train(target - trainer.step_count, on_step=on_step, progress=progress, eval_accuracy=last_accuracy)
     state = {**trainer.state(), "round": round_index, "run_id": run_id}
     path = save_checkpoint(
         checkpoint_path(folder, trainer.step_count), model=model, tokenizer=tokenizer,
