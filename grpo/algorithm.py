@@ -155,6 +155,16 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     return torch.stack(rows)  # (N, T)
 
 
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy (N, T) of softmax(logits) at each position of logits (N, T, V), in float32 at least
+    (half precisions are upcast), one row at a time (no (N, T, V) copy at once); differentiable."""
+    rows = []
+    for row in logits:  # (T, V)
+        logp = (row if row.dtype in (torch.float32, torch.float64) else row.float()).log_softmax(dim=-1)  # (T, V)
+        rows.append(-(logp.exp() * logp).sum(dim=-1))  # (T,)
+    return torch.stack(rows)  # (N, T)
+
+
 def completion_logprobs(
     model: Any,
     prompt_ids: Tensor,
@@ -163,19 +173,24 @@ def completion_logprobs(
     completion_mask: Tensor,
     temperature: float = 1.0,
     micro_batch_size: int | None = None,
-) -> Tensor:
-    """Per-token log-probs (N, T) of the completion tokens under `model`, at `temperature`.
+    *,
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log-probs (N, T) of the completion tokens under `model`, at `temperature`; with
+    `with_entropy`, also the entropy (N, T) of the distribution each token was drawn from, from
+    the same logits (no extra forward).
 
     Prompts are left-padded, completions right-padded; position ids count only real tokens so a
     padded row gives the same log-probs as the same row alone. Logits are computed for the last
     T + 1 positions only (`logits_to_keep`). Values at masked completion positions are finite
     but meaningless. Gradients flow unless the caller wraps this in `torch.no_grad()`.
     """
-    return in_row_blocks(
-        lambda *block: _forward_logprobs(model, *block, temperature),
+    out = in_row_blocks(
+        lambda *block: _forward_logprobs(model, *block, temperature, with_entropy),
         (prompt_ids, prompt_mask, completion_ids, completion_mask),
         micro_batch_size,
-    )  # (N, T)
+    )  # (N, T), or (N, T, 2) with the entropy
+    return (out[..., 0], out[..., 1]) if with_entropy else out
 
 
 def in_row_blocks(fn: Callable[..., Tensor], tensors: tuple[Tensor, ...], block_rows: int | None) -> Tensor:
@@ -194,8 +209,10 @@ def _forward_logprobs(
     completion_ids: Tensor,
     completion_mask: Tensor,
     temperature: float,
+    with_entropy: bool = False,
 ) -> Tensor:
-    """One forward pass over a block of rows; see `completion_logprobs`."""
+    """One forward pass over a block of rows -> (N, T), or (N, T, 2) log-probs and entropies;
+    see `completion_logprobs`."""
     t = completion_ids.shape[1]
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (N, P+T)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()  # (N, P+T)
@@ -209,7 +226,8 @@ def _forward_logprobs(
     )
     logits = out.logits[:, -(t + 1) : -1, :]  # (N, T, V): position j predicts completion token j
     logits = logits / temperature  # (N, T, V)
-    return selective_log_softmax(logits, completion_ids)  # (N, T)
+    logp = selective_log_softmax(logits, completion_ids)  # (N, T)
+    return torch.stack([logp, token_entropy(logits)], dim=-1) if with_entropy else logp  # (N, T, 2) | (N, T)
 
 
 def importance_log_ratio(
@@ -410,14 +428,17 @@ def policy_update(
     is needed when `cfg.beta > 0`. `grad_hook(params)`, if given, is called with the trainable
     parameters once all micro-batches' gradients are accumulated and before clipping (data
     parallelism averages them across ranks there). The caller sets train/eval mode. Returns
-    loss, kl, clip_low, clip_high, clip_fraction, ratio, grad_norm (before clipping) and
+    loss, kl, clip_low, clip_high, clip_fraction, ratio, entropy (the mean token entropy of the
+    rows the update ran, from the same forward pass), grad_norm (before clipping) and
     skipped_rows, averaged over the epochs, and the seconds spent in forward, backward and
     optimizer (`time/forward_s`, `time/backward_s`, `time/optimizer_s`, summed). With beta 0,
-    one epoch and no `old_logp`, rows whose advantage is exactly 0 (groups of equal rewards) add
-    nothing to the loss or its gradient and are not run (`skipped_rows`); results are the same.
-    `logprobs_fn` replaces `completion_logprobs` (same signature), e.g. by
-    `grpo.fastpath.completion_logprobs_fast`. `is_weight` (N, T): the importance-sampling weights
-    of `importance_weights`, applied to every token's surrogate. `cfg.loss_type` "dapo"/"cispo":
+    one epoch, no `old_logp` and no entropy bonus, rows whose advantage is exactly 0 (groups of
+    equal rewards) add nothing to the loss or its gradient and are not run (`skipped_rows`);
+    results are the same. `cfg.entropy_coef` > 0 subtracts coef * (entropy token sum) / (the
+    loss's token divisor) from the loss. `logprobs_fn` replaces `completion_logprobs` (same
+    signature, `with_entropy` included), e.g. by an engine's `logprobs` (`grpo.engines`).
+    `is_weight` (N, T): the importance-sampling weights of `importance_weights`, applied to every
+    token's surrogate. `cfg.loss_type` "dapo"/"cispo":
     each rank divides its token sum by (the step's token count summed over the data-parallel
     ranks) / (world size) (one all-reduce, `grpo.distributed.global_sum`; every rank must call
     this), so the ranks' averaged gradient is exactly the global token mean's, and their "loss"
@@ -489,10 +510,10 @@ def _accumulate_gradients(
     one micro-batch (n <= N rows).
     """
     n = mask.shape[0]
-    loss_sum = t_forward = t_backward = 0.0
+    loss_sum = t_forward = t_backward = entropy_sum = entropy_tokens = 0.0
     weighted = {"kl": 0.0, "clip_low": 0.0, "clip_high": 0.0, "clip_fraction": 0.0, "ratio": 0.0}
     order = torch.arange(n)  # (n_run,) the rows that run forward and backward
-    if cfg.beta == 0 and ref_logp is None and old_logp is None and cfg.num_iterations == 1:
+    if cfg.beta == 0 and ref_logp is None and old_logp is None and cfg.num_iterations == 1 and not cfg.entropy_coef:
         # Without a KL term and with ratio = 1, a row whose advantage is 0 adds exactly 0 to the
         # loss and to its gradient, for every loss type and level (each row's loss is A times a
         # function of its own tokens; the divisors count all rows): only the other rows run. The
@@ -502,14 +523,17 @@ def _accumulate_gradients(
     for start in range(0, int(order.shape[0]), cfg.micro_batch_size):
         rows = order[start : start + cfg.micro_batch_size]  # (n,) row indices
         t0 = time.perf_counter()
-        logp = logprobs_fn(
+        logp, entropy = logprobs_fn(
             model,
             rollout.prompt_ids[rows].to(device),  # (n, P)
             rollout.prompt_mask[rows].to(device),  # (n, P)
             rollout.completion_ids[rows].to(device),  # (n, T)
             rollout.completion_mask[rows].to(device),  # (n, T)
             temperature=temperature,
-        )  # (n, T)
+            with_entropy=True,
+        )  # (n, T), (n, T)
+        if not cfg.entropy_coef:
+            entropy = entropy.detach()  # (n, T) a metric only
         old = old_logp[rows].to(device) if old_logp is not None else logp.detach()  # (n, T)
         ref = ref_logp[rows].to(device) if ref_logp is not None else None  # (n, T)
         loss, stats = grpo_loss(
@@ -520,6 +544,11 @@ def _accumulate_gradients(
             is_weight=is_weight[rows].to(device) if is_weight is not None else None,
             importance_sampling_level=cfg.importance_sampling_level,
         )
+        if cfg.entropy_coef:  # the bonus: the entropy's token sum over the loss's token divisor
+            divisor = max(num_tokens if loss_tokens is None else loss_tokens, 1.0)
+            loss = loss - cfg.entropy_coef * (entropy * mask[rows]).sum() / divisor
+        entropy_sum += float((entropy.detach() * mask[rows]).sum())
+        entropy_tokens += float(mask[rows].sum())
         t1 = time.perf_counter()
         loss.backward()
         t_forward += t1 - t0
@@ -529,6 +558,7 @@ def _accumulate_gradients(
             weighted[k] += float(stats[k]) * float(stats["num_tokens"])
     out = {k: v / max(num_tokens, 1.0) for k, v in weighted.items()}
     out["loss"] = loss_sum
+    out["entropy"] = entropy_sum / entropy_tokens if entropy_tokens else math.nan
     out["skipped_rows"] = float(n - order.shape[0])
     out["time/forward_s"] = t_forward
     out["time/backward_s"] = t_backward

@@ -82,6 +82,10 @@ def check_engine(
         torch.testing.assert_close(got[mask], want[mask], rtol=0, atol=logprob_atol)
     with torch.no_grad():
         assert not torch.allclose(engine.logprobs(*args)[mask], engine.logprobs(*args, adapter=False)[mask])
+        logp, entropy = engine.logprobs(*args, with_entropy=True)  # (N, T) each, from one pass
+        _, want_entropy = model_logprobs(model, *args, with_entropy=True)  # (N, T)
+    torch.testing.assert_close(logp[mask], engine.logprobs(*args)[mask].detach(), rtol=0, atol=logprob_atol)
+    torch.testing.assert_close(entropy[mask], want_entropy[mask], rtol=0, atol=10 * logprob_atol)
     logp = engine.logprobs(*args)  # (N, T)
     assert logp.requires_grad
     (logp * sampled.completion_mask).sum().backward()

@@ -81,6 +81,8 @@ def test_the_factory_chooses_per_device_and_model(policy, tiny_model_dir: Path, 
     assert _choice(model, tok, run_config(tiny_model_dir, "train.gradient_checkpointing=true"), caplog) == (
         "hf", "engine: hf (cpu_fast not taken: train.gradient_checkpointing=true (this engine keeps every "
         "activation))")
+    assert _choice(model, tok, run_config(tiny_model_dir, "train.entropy_coef=0.01"), caplog) == (
+        "hf", "engine: hf (cpu_fast not taken: train.entropy_coef > 0 (this engine's entropy carries no gradient))")
     other = _tiny_config_model("qwen2-rope-linear")
     name, line = _choice(other, tok, run_config(tiny_model_dir, "generation.fast_path=true"), caplog)
     assert name == "hf" and line.startswith("engine: hf (cpu_fast not taken: rope parameters")

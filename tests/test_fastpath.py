@@ -208,9 +208,13 @@ def test_temperature_and_single_token(policy) -> None:
 
 
 @pytest.mark.parametrize("share_prompts", [True, False])
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
-def test_loss_and_gradients_match_plain_path(policy, share_prompts: bool, loss_type: str) -> None:
-    """The issue's equality test: same loss and same LoRA gradients through grpo_loss."""
+@pytest.mark.parametrize(("loss_type", "level"), [
+    ("grpo", "token"), ("bnpo", "token"), ("dr_grpo", "token"), ("dapo", "token"), ("cispo", "token"),
+    ("grpo", "sequence"), ("dapo", "sequence"), ("cispo", "sequence"),
+])
+def test_loss_and_gradients_match_plain_path(policy, share_prompts: bool, loss_type: str, level: str) -> None:
+    """Same loss and same LoRA gradients through grpo_loss, for every loss type and both
+    importance-sampling levels."""
     model, tok = policy
     args = batch(tok, seed=1)
     mask = args[3]
@@ -228,7 +232,8 @@ def test_loss_and_gradients_match_plain_path(policy, share_prompts: bool, loss_t
         old = (logp.detach() + 0.05 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(3)))
         loss, _ = grpo_loss(
             logp, old, ref, adv, mask, epsilon_low=0.2, epsilon_high=0.28, beta=0.04,
-            loss_type=loss_type, max_new_tokens=mask.shape[1],
+            loss_type=loss_type, max_new_tokens=mask.shape[1], num_tokens=float(mask.sum()),
+            importance_sampling_level=level,
         )
         loss.backward()
         return loss.detach(), {k: p.grad.clone() for k, p in lora.items()}
@@ -280,6 +285,23 @@ def test_bfloat16_base_with_float32_adapter(tiny_model_dir: Path) -> None:
     for k, want in plain_grads.items():
         err = float((fast_grads[k] - want).abs().max()) / float(want.abs().max())
         assert err < 0.2, f"{k}: max |diff| / max |grad| = {err:.3f}"
+
+
+def test_entropy_matches_the_plain_path(policy) -> None:
+    """The fast head's entropy (no gradient) equals the plain path's, from the same pass as the
+    log-probs, with and without gradients."""
+    model, tok = policy
+    args = batch(tok, seed=4)
+    mask = args[3].bool()
+    for temp in (1.0, 0.7):
+        with torch.no_grad():
+            p_logp, p_ent = completion_logprobs(model, *args, temperature=temp, with_entropy=True)
+            f_logp, f_ent = completion_logprobs_fast(model, *args, temperature=temp, with_entropy=True)
+        torch.testing.assert_close(f_logp[mask], p_logp[mask], atol=1e-5, rtol=0)
+        torch.testing.assert_close(f_ent[mask], p_ent[mask], atol=1e-4, rtol=0)
+        assert bool((p_ent[mask] > 0).all())
+    logp, ent = completion_logprobs_fast(model, *args, with_entropy=True)
+    assert logp.requires_grad and not ent.requires_grad
 
 
 def test_selective_head_matches_log_softmax() -> None:

@@ -201,7 +201,8 @@ class Engine(Protocol):
         micro_batch_size: int | None = None,
         *,
         adapter: bool = True,
-    ) -> Tensor: ...
+        with_entropy: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]: ...
 
     def sync(self, model: Any) -> None: ...
 

@@ -48,13 +48,15 @@ def model_logprobs(
     micro_batch_size: int | None = None,
     *,
     adapter: bool = True,
-) -> Tensor:
-    """Per-token log-probs (N, T) under `model`, with its adapter or (adapter=False) without."""
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log-probs (N, T) under `model`, with its adapter or (adapter=False) without; with
+    `with_entropy`, also each position's entropy (N, T), differentiable."""
     args = (prompt_ids, prompt_mask, completion_ids, completion_mask)
     if adapter:
-        return completion_logprobs(model, *args, temperature, micro_batch_size)  # (N, T)
+        return completion_logprobs(model, *args, temperature, micro_batch_size, with_entropy=with_entropy)
     with model.disable_adapter():
-        return completion_logprobs(model, *args, temperature, micro_batch_size)  # (N, T)
+        return completion_logprobs(model, *args, temperature, micro_batch_size, with_entropy=with_entropy)
 
 
 def cache_kwarg(model: Any) -> str:
@@ -112,12 +114,13 @@ class HFEngine:
         micro_batch_size: int | None = None,
         *,
         adapter: bool = True,
-    ) -> Tensor:
+        with_entropy: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Per-token log-probs (N, T) by the model's own forward (`grpo.algorithm.completion_logprobs`)."""
         return model_logprobs(
             self.model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-            micro_batch_size, adapter=adapter,
-        )  # (N, T)
+            micro_batch_size, adapter=adapter, with_entropy=with_entropy,
+        )  # (N, T), and (N, T) with_entropy
 
     def generate(
         self,

@@ -244,13 +244,14 @@ class VLLMEngine:
         micro_batch_size: int | None = None,
         *,
         adapter: bool = True,
-    ) -> Tensor:
+        with_entropy: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Per-token log-probs (N, T) by the trained model's forward (the sampler's own are in
         `Rollout.sampler_logp`)."""
         return model_logprobs(
             self.model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-            micro_batch_size, adapter=adapter,
-        )  # (N, T)
+            micro_batch_size, adapter=adapter, with_entropy=with_entropy,
+        )  # (N, T), and (N, T) with_entropy
 
     def sampling_params(
         self, num_samples: int, *, greedy: bool, max_new_tokens: int, min_new_tokens: int, seed: int | None

@@ -57,6 +57,8 @@ class CpuFastEngine(HFEngine):
                     "turns it on)")
         if cfg.train.gradient_checkpointing:
             return "train.gradient_checkpointing=true (this engine keeps every activation)"
+        if cfg.train.entropy_coef:
+            return "train.entropy_coef > 0 (this engine's entropy carries no gradient)"
         return unsupported_reason(model)
 
     @classmethod
@@ -103,12 +105,14 @@ class CpuFastEngine(HFEngine):
         micro_batch_size: int | None = None,
         *,
         adapter: bool = True,
-    ) -> Tensor:
-        """Per-token log-probs (N, T); `qwen2.completion_logprobs_fast`."""
+        with_entropy: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Per-token log-probs (N, T); `qwen2.completion_logprobs_fast` (its entropy carries no
+        gradient: an entropy bonus takes the hf engine)."""
         return completion_logprobs_fast(
             self._fast(), prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-            use_adapter=adapter, micro_batch_size=micro_batch_size,
-        )  # (N, T)
+            use_adapter=adapter, micro_batch_size=micro_batch_size, with_entropy=with_entropy,
+        )  # (N, T), and (N, T) with_entropy
 
     def generate(
         self,

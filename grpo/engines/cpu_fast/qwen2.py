@@ -1226,7 +1226,8 @@ def completion_logprobs_fast(
     *,
     micro_batch_size: int | None = None,
     share_prompts: bool = True,
-) -> Tensor:
+    with_entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs (N, T) of the completion tokens; the fast twin of
     `grpo.algorithm.completion_logprobs` (same values within float rounding, same gradients).
 
@@ -1234,14 +1235,16 @@ def completion_logprobs_fast(
     own parameters (dropout when its module is in training mode), so `backward()` fills their
     grads; `use_adapter=False` (or peft's `disable_adapter()` context) gives the base model,
     e.g. the reference pass under `torch.no_grad()`. `share_prompts` runs each distinct prompt
-    of a block once and repeats its keys/values for its rows.
+    of a block once and repeats its keys/values for its rows. `with_entropy`: also each position's
+    entropy (N, T), from the same logits, without a gradient.
     """
     fast = _as_fast(model_or_fast)
-    return in_row_blocks(
-        lambda *block: _block_logprobs(fast, *block, temperature, use_adapter, share_prompts),
+    out = in_row_blocks(
+        lambda *block: _block_logprobs(fast, *block, temperature, use_adapter, share_prompts, with_entropy),
         (prompt_ids, prompt_mask, completion_ids, completion_mask),
         micro_batch_size,
-    )  # (N, T)
+    )  # (N, T), or (N, T, 2) with the entropy
+    return (out[..., 0], out[..., 1].detach()) if with_entropy else out
 
 
 def _block_logprobs(
@@ -1253,8 +1256,10 @@ def _block_logprobs(
     temperature: float,
     use_adapter: bool,
     share_prompts: bool,
+    with_entropy: bool = False,
 ) -> Tensor:
-    """One forward over a block of rows; position P - 1 + j predicts completion token j."""
+    """One forward over a block of rows -> (n, T), or (n, T, 2) with the entropy; position
+    P - 1 + j predicts completion token j."""
     dev = fast.device
     prompt_ids, prompt_mask = prompt_ids.to(dev), prompt_mask.to(dev).long()  # (n, P), (n, P)
     completion_ids, completion_mask = completion_ids.to(dev), completion_mask.to(dev).long()  # (n, T)
@@ -1286,14 +1291,17 @@ def _block_logprobs(
             )  # (n, T-1, H): each row attends to its prompt's keys/values (U, Hkv, P, D)
             hidden = torch.cat([last, c_hidden], dim=1)  # (n, T, H)
     normed = fast._rms(hidden, fast.norm)  # (n, T, H)
-    return selective_head_logprobs(
+    entropy = torch.empty(completion_ids.shape, dtype=torch.float32, device=dev) if with_entropy else None  # (n, T)
+    logp = selective_head_logprobs(
         normed,
         fast.lm_head_p if fast.dnn else fast.lm_head,
         completion_ids,
         temperature,
         dnn=fast.dnn,
         weight_t=fast.lm_head_t,
+        entropy_out=entropy,
     )  # (n, T)
+    return logp if entropy is None else torch.stack([logp, entropy.to(logp.dtype)], dim=-1)  # (n, T, 2)
 
 
 def _chunk_rows(vocab: int, device: torch.device) -> int:
@@ -1311,11 +1319,13 @@ def _head_logits(h: Tensor, weight: Tensor, temperature: float, acc: torch.dtype
 
 
 def _head_forward(
-    h: Tensor, weight: Tensor, target: Tensor, temperature: float, keep: list[Tensor] | None, dnn: bool
+    h: Tensor, weight: Tensor, target: Tensor, temperature: float, keep: list[Tensor] | None, dnn: bool,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """log softmax(h W^T / temperature)[target] and the logsumexp, chunk by chunk.
 
-    h (M, H), weight (V, H), target (M,); `keep`, when given, collects each chunk's logits.
+    h (M, H), weight (V, H), target (M,); `keep`, when given, collects each chunk's logits;
+    `entropy` (M,), when given, receives each row's entropy lse - sum(softmax * logits).
     Returns logp (M,) and lse (M,) in float32 (or float64 for float64 inputs).
     """
     m, v = h.shape[0], weight.shape[0]
@@ -1330,6 +1340,9 @@ def _head_forward(
             keep.append(logits)
         torch.logsumexp(logits, dim=-1, out=lse[s:e])
         torch.sub(logits.gather(1, target[s:e, None])[:, 0], lse[s:e], out=logp[s:e])
+        if entropy is not None:
+            probs = (logits - lse[s:e, None]).exp_()  # (c, V)
+            entropy[s:e] = lse[s:e] - (probs * logits).sum(dim=-1)  # (c,)
     return logp, lse
 
 
@@ -1345,11 +1358,11 @@ class _SelectiveHead(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, h: Tensor, weight: Tensor, target: Tensor, temperature: float, dnn: bool,
-        weight_t: Tensor | None,
+        weight_t: Tensor | None, entropy: Tensor | None,
     ) -> Tensor:
         m, v = h.shape[0], weight.shape[0]
         keep: list[Tensor] | None = [] if m * v * 4 <= 2**28 else None
-        logp, lse = _head_forward(h, weight, target, temperature, keep, dnn)
+        logp, lse = _head_forward(h, weight, target, temperature, keep, dnn, entropy)
         ctx.save_for_backward(h, weight, target, lse, weight_t)
         ctx.keep, ctx.temperature, ctx.dnn = keep, temperature, dnn
         return logp
@@ -1383,7 +1396,7 @@ class _SelectiveHead(torch.autograd.Function):
             if grad_w is not None:
                 grad_w.addmm_(dlogits.t().float(), h[s:e].float())
         ctx.keep = None
-        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None, None
 
 
 def selective_head_logprobs(
@@ -1394,15 +1407,18 @@ def selective_head_logprobs(
     *,
     dnn: bool = False,
     weight_t: Tensor | None = None,
+    entropy_out: Tensor | None = None,
 ) -> Tensor:
     """log softmax(h W^T / temperature)[target] (n, T) for normed hidden states h (n, T, H) and
     an lm_head weight (V, H), without materialising an autograd graph over (n, T, V).
-    `dnn` / `weight_t` (W^T contiguous): run the GEMMs through oneDNN."""
+    `dnn` / `weight_t` (W^T contiguous): run the GEMMs through oneDNN. `entropy_out` (n, T)
+    float32, when given, receives each position's entropy (no gradient)."""
     n, t, hsz = h.shape
     flat_h = h.reshape(n * t, hsz)  # (M, H)
     flat_t = target.reshape(n * t)  # (M,)
+    flat_e = entropy_out.view(n * t) if entropy_out is not None else None  # (M,)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        logp = _SelectiveHead.apply(flat_h, weight, flat_t, float(temperature), dnn, weight_t)  # (M,)
+        logp = _SelectiveHead.apply(flat_h, weight, flat_t, float(temperature), dnn, weight_t, flat_e)  # (M,)
     else:
-        logp, _ = _head_forward(flat_h, weight, flat_t, float(temperature), None, dnn)  # (M,)
+        logp, _ = _head_forward(flat_h, weight, flat_t, float(temperature), None, dnn, flat_e)  # (M,)
     return logp.view(n, t)
