@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_policy(cfg)
 
     class WorkloadTrainer(GRPOTrainer):
-        def next_batch(self) -> Batch:  # the benchmark's plain prompts, identical on both sides
+        def next_batch(self, k: int = 0) -> Batch:  # the benchmark's plain prompts, identical on both sides
             return Batch(list(range(B)), per_step[self.step_count], {})
 
     trainer = WorkloadTrainer(

@@ -2,6 +2,7 @@
 LoRA with `grpo.trainer.GRPOTrainer` for a wall-clock budget, evaluate again, paired McNemar test.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/learning_grpo.py --base /tmp/ws --lr 3e-4 --prompts 16
+    python benchmarks/learning_grpo.py --base /tmp/ws --lr 3e-4 --minutes 5 --set train.loss_type=dapo
 
 `--base` is a folder written by `grpo.sft.save_sft` (e.g. learning_sft.py --save). Results: see
 benchmarks/LEARNING.md.
@@ -13,7 +14,7 @@ import time
 
 import torch
 
-from grpo.config import RunConfig
+from grpo.config import load_config
 from grpo.countdown import load_split, prepare_dataset
 from grpo.evaluate import evaluate, mcnemar
 from grpo.models import load_policy
@@ -31,22 +32,16 @@ p.add_argument("--tag", default="")
 p.add_argument("--micro", type=int, default=32)
 p.add_argument("--cache-dir", default="artifacts/data")
 p.add_argument("--out", default=None)
+p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+               help="More config overrides, e.g. train.loss_type=dapo")
 a = p.parse_args()
-cfg = RunConfig.model_validate(
-    {
-        "model": {"name_or_path": a.base, "build_tiny_if_missing": False},
-        "data": {"cache_dir": a.cache_dir},
-        "train": {
-            "learning_rate": a.lr,
-            "prompts_per_step": a.prompts,
-            "group_size": a.group,
-            "micro_batch_size": a.micro,
-            "beta": 0.0,
-        },
-        "generation": {"temperature": 1.0, "max_new_tokens": 48},
-        "eval": {"num_problems": 1000, "sampled_problems": 500, "pass_k": 4},
-    }
-)
+cfg = load_config(None, [
+    f"model.name_or_path={a.base}", "model.build_tiny_if_missing=false", f"data.cache_dir={a.cache_dir}",
+    f"train.learning_rate={a.lr}", f"train.prompts_per_step={a.prompts}", f"train.group_size={a.group}",
+    f"train.micro_batch_size={a.micro}", "train.beta=0.0", "generation.temperature=1.0",
+    "generation.max_new_tokens=48", "eval.num_problems=1000", "eval.sampled_problems=500", "eval.pass_k=4",
+    *a.overrides,
+])
 ref = prepare_dataset(cfg.data)
 train, test = load_split(ref.train_path), load_split(ref.test_path)
 seed_everything(cfg.train.seed)
@@ -91,6 +86,10 @@ out = dict(
     mcnemar=mc,
     reward_first=[round(h["reward_mean"], 3) for h in hist[:5]],
     reward_last=[round(h["reward_mean"], 3) for h in hist[-5:]],
+    entropy_first=[round(h["entropy"], 3) for h in hist[:5]],
+    entropy_last=[round(h["entropy"], 3) for h in hist[-5:]],
+    prompts_sampled=sum(int(h.get("dynamic/prompts_sampled", a.prompts)) for h in hist),
+    groups_dropped=sum(int(h.get("dynamic/groups_dropped", 0)) for h in hist),
 )
 print(json.dumps(out))
 if a.out:
