@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -139,19 +140,25 @@ def global_max(x: int | float) -> int | float:
 
 def gather_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Scalar metrics of this rank -> their mean over the ranks (keys ending in `_max`: the
-    maximum), identical on every rank so rank 0 can log global values. Ints stay ints. Every rank
-    must pass the same keys. In one process the metrics come back unchanged (a copy)."""
+    maximum), identical on every rank so rank 0 can log global values. NaN means "not measured on
+    this rank" (a reward with no opinion, the entropy of a step whose update ran no row): such a
+    value is left out of the mean, and the result is NaN only when no rank measured it. Ints stay
+    ints. Every rank must pass the same keys. In one process the metrics come back unchanged (a
+    copy)."""
     if world_size() == 1:
         return dict(metrics)
     keys = sorted(metrics)
     device = _collective_device()
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)  # (K,)
-    total = values.clone()
+    measured = ~torch.isnan(values)  # (K,)
+    total = torch.where(measured, values, torch.zeros_like(values))  # (K,)
+    count = measured.to(torch.float64)  # (K,)
+    peak = torch.where(measured, values, torch.full_like(values, -math.inf))  # (K,)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    peak = values.clone()
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    mean = (total / world_size()).tolist()
-    top = peak.tolist()
+    mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan)).tolist()
+    top = torch.where(count > 0, peak, torch.full_like(peak, math.nan)).tolist()
     out: dict[str, float] = {}
     for i, k in enumerate(keys):
         v = top[i] if k.endswith("_max") else mean[i]

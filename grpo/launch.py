@@ -128,8 +128,8 @@ def train_data_parallel(
     if log_mlflow and dp.is_main():
         logged = tracking.logged_steps(tracking_uri, run_id, STEP_METRIC)
     while trainer.step_count < steps:
-        indices = trainer.next_batch().indices  # the prompts this rank samples for in this step
         metrics = trainer.step()  # averaged over the ranks
+        indices = trainer.sampled_indices  # the prompts this rank sampled for in this step
         step = int(metrics["step"])
         _append_jsonl(ranks_dir / f"rank-{rank}.jsonl", {"step": step, "rank": rank, "indices": indices})
         if dp.is_main():

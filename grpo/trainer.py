@@ -6,10 +6,13 @@
 One step: sample (then the engine sleeps: vLLM frees its memory) -> score -> advantages ->
 old/reference log-probs -> loss + optimizer step -> sync weights to the engine (see
 `GRPOTrainer.step`). Sampling and log-probs go through the policy's engine (`grpo.engines`).
+With `train.dynamic_sampling` (DAPO) the sample and score phases repeat on further prompts until
+B groups carry signal (`GRPOTrainer.gather`).
 
-Resumability: the data order is a seeded permutation per epoch, and the random state at the start
-of step `s` is seeded from (train.seed, s). A step therefore depends only on the adapter weights,
-the optimizer and scheduler state and the step number, which is exactly what a checkpoint holds:
+Resumability: the data order is a seeded permutation per epoch, read from the position of the
+prompts consumed so far, and the random state at the start of step `s` is seeded from
+(train.seed, s). A step therefore depends only on the adapter weights, the optimizer and scheduler
+state, the step number and the data position, which is exactly what a checkpoint holds:
 N steps straight and N/2 + save + load + N/2 give the same adapter.
 
 Departures from the paper: the reference policy is the base model with the adapter disabled (no
@@ -151,6 +154,8 @@ class GRPOTrainer:
         self.step_count = 0
         self.position = 0
         """Prompts of the data order consumed by all ranks so far (B * W per generation batch)."""
+        self.sampled_indices: list[int] = []
+        """Dataset rows this rank sampled for in the last step (dynamic sampling: every batch's)."""
         self.trained_indices: list[int] = []
         """Dataset rows of the groups the last step trained on (dynamic sampling: the informative ones)."""
         self._perm_epoch = -1
@@ -249,6 +254,7 @@ class GRPOTrainer:
             if len(kept) >= t.prompts_per_step:
                 break
         self.engine.sleep()  # vLLM frees its memory for the passes below; generate wakes it
+        self.sampled_indices = indices
         batches = len(rollouts)
         used = dp_max(batches) if ds.enabled and self.world_size > 1 else batches  # the same on every rank
         self.position += self.world_size * t.prompts_per_step * used

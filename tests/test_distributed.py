@@ -381,3 +381,35 @@ def test_two_machines_train_like_two_processes(tiny_model_dir, tmp_path):
     ref0, _, _ = _reference(cfg, rows, average=True)
     for k in ref0:
         torch.testing.assert_close(trained[k], ref0[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _gather_on_rank(rank: int, port: int, out_dir: str) -> None:
+    """One rank of test_gather_metrics_leaves_unmeasured_values_out (spawned)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        nan = float("nan")
+        mine = [{"entropy": 0.5, "reward/x": nan, "silent": nan, "len_max": 3.0, "step": 7},
+                {"entropy": nan, "reward/x": 2.0, "silent": nan, "len_max": nan, "step": 7}][rank]
+        got = dp.gather_metrics(mine)
+        Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_metrics_leaves_unmeasured_values_out(tmp_path):
+    """NaN = not measured on that rank (a reward with no opinion, the entropy of a step whose
+    update ran no row): the mean is over the ranks that measured it, NaN only when none did."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_on_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1] or all(
+        results[0][k] == results[1][k] or (np.isnan(results[0][k]) and np.isnan(results[1][k])) for k in results[0]
+    )
+    got = results[0]
+    assert got["entropy"] == 0.5 and got["reward/x"] == 2.0 and np.isnan(got["silent"])
+    assert got["len_max"] == 3.0 and got["step"] == 7 and isinstance(got["step"], int)

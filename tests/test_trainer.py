@@ -144,3 +144,20 @@ def test_the_engine_sleeps_after_sampling_and_wakes_to_sample(wide_model_dir, ro
         ("generate", 1), "sleep", "wake_up", ("generate", 2), "sleep",
     ]
     assert engine.lora_request.lora_int_id == 3  # synced after each of the two updates
+
+
+def test_dynamic_sampling_through_the_vllm_engine(wide_model_dir, rows, tmp_path):
+    """With vLLM (a fake engine) and dynamic sampling, the refills are more generate calls before
+    the engine sleeps once; the sampler's log-probs follow the kept rows into the correction."""
+    from test_rollout import FakeLLM, fake_vllm
+
+    cfg = _cfg(wide_model_dir, "train.dynamic_sampling.enabled=true", "train.dynamic_sampling.max_generation_batches=3",
+               "train.loss_type=dapo")
+    model, tok = load_policy(cfg)
+    engine = fake_vllm(model, tok, cfg.generation, cfg.model, tmp_path)
+    trainer = GRPOTrainer(cfg, model, tok, rows, engine=engine, total_steps=1)
+    metrics = trainer.step()
+    batches = int(metrics["dynamic/generation_batches"])
+    calls = [c[0] for c in FakeLLM.instances[-1].calls]
+    assert calls == ["generate"] * batches + ["sleep"]
+    assert metrics["dynamic/prompts_sampled"] == 4 * batches and trainer.position == 4 * batches

@@ -99,7 +99,8 @@ def test_one_engine_for_training_and_evaluation_then_closed(model_dir: Path) -> 
     from grpo.trainer import GRPOTrainer
 
     cfg = config(model_dir, "train.prompts_per_step=2", "train.group_size=4", "train.micro_batch_size=8",
-                 "eval.num_problems=4", "eval.batch_size=4", "eval.sampled_problems=2", "eval.pass_k=2")
+                 "eval.num_problems=4", "eval.batch_size=4", "eval.sampled_problems=2", "eval.pass_k=2",
+                 "train.loss_type=dapo", "train.dynamic_sampling.enabled=true")  # refills: more generate calls
     model, tokenizer = load_policy(cfg)
     trainer = GRPOTrainer(cfg, model, tokenizer, generate(40, seed=0), total_steps=2)
     engine = SHARED.engine
