@@ -426,3 +426,18 @@ def test_entropy_metric_and_bonus(setup):
     assert plain["skipped_rows"] == 4  # without the bonus: only the rows that carry signal run
     ran = [4, 5, 6, 7]  # the second group's rows: their tokens' mean entropy
     assert plain["entropy"] == pytest.approx(float((ent[ran] * mask[ran]).sum() / mask[ran].sum()), rel=1e-9)
+
+
+def test_on_policy_gspo_is_grpo_and_cispo_is_dapo():
+    """With one update epoch the ratio is 1: the sequence-level gradient is the token-level one,
+    and CISPO's gradient is dapo's (the clipped ratio is 1, the surrogate's gradient A * grad logp)."""
+    logp, _, _, adv, mask, _ = loss_inputs(seed=5)
+    kw = dict(epsilon_low=3e-4, epsilon_high=4e-4, beta=0.0, max_new_tokens=5, num_tokens=float(mask.sum()))
+
+    def grad(loss_type, level):
+        return loss_and_grad(lambda lp: grpo_loss(lp, lp.detach(), None, adv, mask, loss_type=loss_type,
+                                                  importance_sampling_level=level, **kw)[0], logp)[1]
+
+    torch.testing.assert_close(grad("grpo", "sequence"), grad("grpo", "token"), rtol=0, atol=1e-15)
+    torch.testing.assert_close(grad("cispo", "token"), grad("dapo", "token"), rtol=0, atol=1e-15)
+    torch.testing.assert_close(grad("cispo", "sequence"), grad("dapo", "token"), rtol=0, atol=1e-15)
