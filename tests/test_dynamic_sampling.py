@@ -102,3 +102,16 @@ def test_resume_mid_run_gives_the_straight_runs_adapter(wide_model_dir, rows, tm
     got = _adapter(model)
     for k in expected:
         assert torch.equal(expected[k], got[k]), f"{k} differs after resume"
+
+
+def test_gdpo_aggregation_through_the_trainer(wide_model_dir, rows) -> None:
+    """normalize_then_sum with two rewards: a group counts as informative when either reward varies
+    in it, and the advantages are the aggregation function's."""
+    cfg = config(wide_model_dir, "train.reward_aggregation=normalize_then_sum")
+    model, tok = load_policy(cfg)
+    (name, half), = half_constant(tok)
+    odd = [("odd_target", lambda completions, target, **_: [float(t % 2) for t in target])]  # constant per group
+    trainer = GRPOTrainer(cfg, model, tok, rows, reward_fns=[(name, half), *odd], total_steps=1)
+    metrics = trainer.step()
+    assert all(rows[i]["target"] % 2 for i in trainer.trained_indices)  # the constant reward adds no signal
+    assert metrics["reward/odd_target"] >= 0 and metrics["dynamic/groups_trained"] >= 1
