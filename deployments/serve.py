@@ -1,8 +1,9 @@
-"""Serve the finetune and promote deployments from one local process (no work pool, no worker).
+"""Serve the finetune, promote and sweep deployments from one local process (no work pool, no worker).
 
     prefect server start                        # another terminal; UI at http://127.0.0.1:4200
-    python deployments/serve.py                 # serves grpo-finetune/nightly and grpo-promote/on-demand
+    python deployments/serve.py                 # grpo-finetune/nightly, grpo-promote/on-demand, grpo-sweep/on-demand
     prefect deployment run grpo-finetune/nightly --param config='{"pipeline": {"rounds": 1}}'
+    prefect deployment run grpo-sweep/on-demand --param spec='{"name": "rank", "parameters": {"lora.r": [8, 16]}}'
 
 `grpo-finetune/nightly` runs the embedded default config (no stored parameters) every night at
 02:00 UTC (`--cron`, `--timezone`, `--no-schedule` change that); `--config FILE` and
@@ -10,8 +11,9 @@
 when a run is triggered (UI form, `prefect deployment run --param`, `run_deployment`) replace the
 stored ones. Flow runs execute in child processes of this one, in its working directory, with its
 environment (set MLFLOW_TRACKING_URI here to send runs to an MLflow server). Stopping the process
-(Ctrl-C) pauses the schedules. `deployments/prefect.yaml` describes the same two deployments for
-`prefect deploy` and a worker on a process work pool.
+(Ctrl-C) pauses the schedules. `grpo-sweep/on-demand` has no schedule and no stored parameters:
+each run is given its sweep spec (the UI's form, docs/sweeps.md). `deployments/prefect.yaml`
+describes the same three deployments for `prefect deploy` and a worker on a process work pool.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 FINETUNE_DEPLOYMENT = "nightly"
 PROMOTE_DEPLOYMENT = "on-demand"
+SWEEP_DEPLOYMENT = "on-demand"
 NIGHTLY_CRON = "0 2 * * *"
 TIMEZONE = "UTC"
 
@@ -44,12 +47,15 @@ def build_deployments(
     parameters: dict[str, Any] | None = None,
     finetune_name: str = FINETUNE_DEPLOYMENT,
     promote_name: str = PROMOTE_DEPLOYMENT,
+    sweep_name: str = SWEEP_DEPLOYMENT,
 ) -> list[Any]:
-    """The two `RunnerDeployment`s: finetune (on `cron` in `timezone`; None = unscheduled) and promote."""
+    """The three `RunnerDeployment`s: finetune (on `cron` in `timezone`; None = unscheduled),
+    promote and sweep (both on demand)."""
     from prefect.schedules import Cron
 
     from grpo_pipeline.flows.finetune import finetune
     from grpo_pipeline.flows.promote import promote
+    from grpo_pipeline.flows.sweep import sweep
 
     schedules = [Cron(cron, timezone=timezone)] if cron else None
     return [
@@ -64,6 +70,12 @@ def build_deployments(
             name=promote_name,
             description="Move the champion alias to the best (or a named) registered adapter version.",
             tags=["grpo", "registry"],
+        ),
+        sweep.to_deployment(
+            name=sweep_name,
+            description="Hyper-parameter sweep: one finetune run per trial under a parent MLflow run, then "
+            "promote the best; the form is the sweep spec (docs/sweeps.md).",
+            tags=["grpo", "sweep"],
         ),
     ]
 

@@ -1,11 +1,13 @@
 """Compare the runs of one MLflow experiment: a table of what differs and how each run did, and a plot.
 
     grpo compare [--experiment grpo-countdown] [--tracking-uri URI] [--out compare.png]
+    grpo compare --parent RUN_ID          # the child runs of a sweep's parent run (its trials)
 
 or from Python:
 
     from grpo.compare import compare_runs, format_table, plot_runs
     df = compare_runs("http://127.0.0.1:5000", "grpo-countdown")
+    trials = compare_runs("http://127.0.0.1:5000", None, parent_run_id="<parent run id>")
     print(format_table(df)); plot_runs("http://127.0.0.1:5000", "grpo-countdown", "compare.png", df)
 
 One row per run: run name and id, the config values (MLflow params) that differ between the runs,
@@ -51,12 +53,22 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in sorted(ms, key=lambda m: (m.step, m.timestamp))]
 
 
-def _runs(uri: str, experiment: str, run_ids: list[str] | None) -> list[Any]:
-    runs = tracking.experiment_runs(uri, experiment)
-    if runs is None:
-        raise TrackingError(
-            f"experiment {experiment!r} not found at {uri}; pass --experiment NAME (see the MLflow UI)"
-        )
+def _runs(
+    uri: str, experiment: str | None, run_ids: list[str] | None, parent_run_id: str | None = None
+) -> list[Any]:
+    if parent_run_id is not None:
+        runs = tracking.child_runs(uri, parent_run_id)
+        if not runs:
+            raise TrackingError(
+                f"MLflow run {parent_run_id} has no child runs; pass the parent run id of a sweep "
+                "(`grpo sweep` prints it; tag grpo.sweep=parent in the MLflow UI)"
+            )
+    else:
+        runs = tracking.experiment_runs(uri, str(experiment)) if experiment else None
+        if runs is None:
+            raise TrackingError(
+                f"experiment {experiment!r} not found at {uri}; pass --experiment NAME (see the MLflow UI)"
+            )
     if run_ids is not None:
         wanted = set(run_ids)
         runs = [r for r in runs if r.info.run_id in wanted]
@@ -74,15 +86,21 @@ def _registered_versions(uri: str, run_id: str) -> str:
 
 
 def compare_runs(
-    tracking_uri: str | None, experiment: str, run_ids: list[str] | None = None
+    tracking_uri: str | None,
+    experiment: str | None,
+    run_ids: list[str] | None = None,
+    parent_run_id: str | None = None,
 ) -> pd.DataFrame:
     """One row per run of `experiment` (oldest first); see the module docstring for the columns.
+    With `parent_run_id`, the runs are that run's children instead (a sweep's trials, tag
+    `mlflow.parentRunId`), wherever `experiment` points.
 
     Missing values (a run without evaluations, a run still running) are NaN / None.
-    Raises `TrackingError` when the server does not answer or the experiment does not exist.
+    Raises `TrackingError` when the server does not answer, the experiment does not exist, or the
+    parent run does not exist or has no children.
     """
     uri = _uri(tracking_uri)
-    runs = _runs(uri, experiment, run_ids)
+    runs = _runs(uri, experiment, run_ids, parent_run_id)
     params = [dict(r.data.params) for r in runs]
     diff = differing_params(params) if len(runs) > 1 else []
     rows = []
@@ -120,14 +138,16 @@ def format_table(df: pd.DataFrame) -> str:
 
 def plot_runs(
     tracking_uri: str | None,
-    experiment: str,
+    experiment: str | None,
     out_png: str | Path,
     runs: pd.DataFrame | None = None,
+    title: str | None = None,
 ) -> Path:
     """Write a PNG: eval accuracy (left) and train reward (right) against step, one line per run.
 
     `runs` is a frame from `compare_runs` (its run_id/run_name columns pick the runs); None
-    compares every run of the experiment. Returns the PNG path.
+    compares every run of the experiment. `title` replaces "experiment NAME: N run(s)". Returns
+    the PNG path.
     """
     uri = _uri(tracking_uri)
     if runs is None:
@@ -150,7 +170,7 @@ def plot_runs(
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"experiment {experiment}: {len(runs)} run(s)")
+    fig.suptitle(title or f"experiment {experiment}: {len(runs)} run(s)")
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -174,16 +194,23 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri", default=None,
         help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).",
     )
+    parser.add_argument(
+        "--parent", default=None, metavar="RUN_ID",
+        help="Compare the child runs of this MLflow run (a sweep's trials; `grpo sweep` prints the parent "
+        "run id) instead of the whole experiment.",
+    )
     parser.add_argument("--out", default="compare.png", help="PNG of the curves (default: %(default)s).")
     parser.add_argument("--no-plot", action="store_true", help="Print the table only.")
 
 
 def run_compare(args: argparse.Namespace) -> int:
     """Print the table and write the PNG; raises `TrackingError` (a `UserError`) on server problems."""
-    df = compare_runs(args.tracking_uri, args.experiment)
+    parent = getattr(args, "parent", None)
+    df = compare_runs(args.tracking_uri, args.experiment, parent_run_id=parent)
     print(format_table(df))
     if not args.no_plot and not df.empty:
-        path = plot_runs(args.tracking_uri, args.experiment, args.out, df)
+        title = f"children of MLflow run {parent}: {len(df)} run(s)" if parent else None
+        path = plot_runs(args.tracking_uri, args.experiment, args.out, df, title=title)
         print(f"curves: {path}")
     return 0
 
@@ -194,7 +221,10 @@ def main_compare(argv: list[str] | None = None) -> int:
     A `UserError` (server down, unknown experiment) propagates for the caller to print; run as
     `python -m grpo.compare` it is printed as one line with exit status 2.
     """
-    parser = argparse.ArgumentParser(prog="grpo compare", description="Compare the runs of an MLflow experiment.")
+    parser = argparse.ArgumentParser(
+        prog="grpo compare",
+        description="Compare the runs of an MLflow experiment, or the child runs of a sweep (--parent).",
+    )
     add_compare_arguments(parser)
     return run_compare(parser.parse_args(argv))
 

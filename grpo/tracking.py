@@ -356,6 +356,57 @@ def find_run(uri: str, experiment: str, tag_key: str, tag_value: str) -> str | N
     return runs[0].info.run_id if runs else None
 
 
+PARENT_RUN_TAG = "mlflow.parentRunId"
+"""MLflow's own tag of a nested run (a sweep's trial): the UI shows the run under its parent."""
+
+
+def child_tags(parent_run_id: str) -> dict[str, str]:
+    """The tags that make a run a child of `parent_run_id`: pass them to `start_run` (or `set_tags`)."""
+    return {PARENT_RUN_TAG: parent_run_id}
+
+
+def _search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str) -> list[Any]:
+    out, token = [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=filter_string, order_by=["attribute.start_time ASC"],
+            max_results=1000, page_token=token,
+        )
+        out.extend(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def find_runs(uri: str, experiment: str, tags: Mapping[str, Any]) -> list[Any]:
+    """The runs of `experiment` that carry every tag of `tags` (values compared as strings), oldest
+    first; [] when there are none or the experiment does not exist."""
+    client = _client(uri)
+    query = " and ".join(f"tags.`{k}` = {_quote(str(v))}" for k, v in tags.items())
+    with _errors(f"MLflow experiment {experiment!r}"):
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        return _search_all(client, [exp.experiment_id], query)
+
+
+def child_runs(uri: str, parent_run_id: str) -> list[Any]:
+    """The runs nested under `parent_run_id` (tag `mlflow.parentRunId`), oldest first. A parent that
+    does not exist raises `TrackingError`."""
+    client = _client(uri)
+    with _errors(f"MLflow run {parent_run_id}"):
+        parent = client.get_run(parent_run_id)
+        return _search_all(
+            client, [parent.info.experiment_id], f"tags.`{PARENT_RUN_TAG}` = {_quote(parent_run_id)}"
+        )
+
+
+def experiment_name(uri: str, experiment_id: str) -> str:
+    """The name of experiment `experiment_id`."""
+    with _errors(f"MLflow experiment id {experiment_id}"):
+        return str(_client(uri).get_experiment(experiment_id).name)
+
+
 def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     """Set run tags (values stringified)."""
     items = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
@@ -380,6 +431,12 @@ def run_info(uri: str, run_id: str) -> Any:
     """The run's `RunInfo`: status, experiment_id, start_time (ms)."""
     with _errors(f"MLflow run {run_id}"):
         return _client(uri).get_run(run_id).info
+
+
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    """The run's tags (MLflow's own `mlflow.*` tags included)."""
+    with _errors(f"MLflow run {run_id}"):
+        return dict(_client(uri).get_run(run_id).data.tags)
 
 
 def read_json_artifact(uri: str, run_id: str, artifact_file: str) -> Any | None:

@@ -7,11 +7,14 @@
     grpo data [--config FILE] [--show 3]      # prepare (or reuse) the splits, show prompts + references
     grpo tiny-model DIR [--seed 0]
     grpo compare [--experiment grpo-countdown]
+    grpo sweep --config configs/sweep-tiny.yaml [--resume PARENT_RUN_ID]
+    grpo compare --parent PARENT_RUN_ID       # the trials of a sweep
 
 The application's entry point (the library `grpo` never imports it). `grpo run` runs the finetune
 flow, then the promote flow, against Prefect (its temporary local server unless PREFECT_API_URL
 is set) and MLflow (sqlite:///mlflow.db here unless MLFLOW_TRACKING_URI or
-pipeline.tracking_uri says otherwise), and prints where to look.
+pipeline.tracking_uri says otherwise), and prints where to look. `grpo sweep` runs the sweep
+flow the same way (one finetune flow per trial, then promote the best: docs/sweeps.md).
 
 Every mistake a user can make (config, data, paths, model, servers) ends as one line
 `error: <message>` on stderr with exit status 2, before any training: the config is validated
@@ -126,7 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser(
-        "compare", add_help=False, help="Compare the runs of an MLflow experiment (table + plot).",
+        "sweep", help="Run a hyper-parameter sweep (the grpo-sweep flow) from a spec file.",
+        description="Run one finetune flow per trial of a sweep spec (grid or random over run-config "
+        "fields) under one parent MLflow run, log a results table and plot on it, then promote the best "
+        "trial's best version if it beats the champion. See docs/sweeps.md and configs/sweep-tiny.yaml.",
+    )
+    p.add_argument("--config", metavar="FILE", required=True,
+                   help="Sweep spec (YAML): name, base, strategy, parameters, trials, metric, seed, promote.")
+    p.add_argument(
+        "--resume", metavar="RUN_ID", default=None,
+        help="Continue the sweep whose parent MLflow run is RUN_ID (same spec): finished trials are not "
+        "run again, unfinished ones continue from their checkpoints.",
+    )
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "compare", add_help=False,
+        help="Compare the runs of an MLflow experiment, or a sweep's trials with --parent (table + plot).",
     )
     p.set_defaults(func=cmd_compare)  # main() hands `grpo compare ...` to grpo.compare's parser
     return parser
@@ -317,6 +336,41 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     from grpo.models import build_tiny_model
 
     print(build_tiny_model(args.dir, seed=args.seed))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from grpo import reports, tracking
+    from grpo.stages import sweep as stage
+    from grpo.sweep import load_sweep
+
+    spec = load_sweep(args.config)
+    trials = stage.plan(spec)  # every trial config validated and preflighted: one line, before Prefect
+    first = trials[0].config
+    uri = tracking.resolve_tracking_uri(first.pipeline.tracking_uri)
+    if args.resume is not None:
+        tracking.check_tracking(uri)
+        stage.check_resumable(spec, uri, args.resume, tracking.make_experiment(uri, str(first.pipeline.experiment)))
+    check_prefect_api()
+    from grpo_pipeline.flows.sweep import sweep
+
+    summary = _call_flow(sweep, spec=spec, resume_run_id=args.resume)
+    print()
+    print(f"sweep {summary.name}: {len(summary.trials)} trials under parent run {summary.parent_run_id} "
+          f"(experiment {summary.experiment})")
+    print(stage.results_text(summary))
+    best = summary.best
+    if best is not None:
+        print(f"best: trial {best.index} ({stage.describe(best.params)}), best {summary.metric} {best.best:.4f}, "
+              f"version {best.best_version or '-'} of {best.model_name}")
+    if summary.promotion is not None:
+        p = summary.promotion
+        print(f"promotion: {p.decision} v{p.candidate} ({p.reason})")
+    print("where to look:")
+    url, _ = reports.mlflow_pointer(summary.tracking_uri, summary.experiment_id, summary.parent_run_id)
+    print(f"  MLflow UI:  {url or reports.mlflow_ui_command(summary.tracking_uri)} (the trials nest under "
+          f"run {summary.name})")
+    print(f"  compare:    grpo compare --parent {summary.parent_run_id}")
     return 0
 
 

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 FLOW_RUN_TAG = "prefect_flow_run_id"
 """MLflow run tag (and model version tag) holding the Prefect flow run id."""
+SWEEP_TAG = "grpo.sweep"
+"""Tag of a sweep's parent run (value "parent"): it holds a sweep, not a training to resume."""
 CONFIG_ARTIFACT = "config.json"
 """The run's full config, logged with every MLflow run (promote re-evaluates with it)."""
 HOST_TAG, PID_TAG = "grpo.host", "grpo.pid"
@@ -195,9 +197,10 @@ def mark_stale_runs(cfg: RunConfig, tracking_uri: str) -> list[str]:
 
 
 def last_interrupted(cfg: RunConfig, tracking_uri: str) -> str | None:
-    """The newest run of the experiment that ended FAILED or KILLED, or None."""
+    """The newest training run of the experiment that ended FAILED or KILLED, or None (a sweep's
+    parent run is not one)."""
     for run in reversed(tracking.experiment_runs(tracking_uri, cfg.pipeline.experiment) or []):
-        if run.info.status in ("FAILED", "KILLED"):
+        if run.info.status in ("FAILED", "KILLED") and run.data.tags.get(SWEEP_TAG) != "parent":
             return run.info.run_id
     return None
 
