@@ -425,7 +425,7 @@ def test_entropy_metric_and_bonus(setup):
     _, plain = one_sgd_step(model, rollout, adv, train_cfg(micro_batch_size=8, loss_type="dapo"))
     assert plain["skipped_rows"] == 4  # without the bonus: only the rows that carry signal run
     ran = [4, 5, 6, 7]  # the second group's rows: their tokens' mean entropy
-    assert plain["entropy"] == pytest.approx(float((ent[ran] * mask[ran]).sum() / mask[ran].sum()), rel=1e-9)
+    assert plain["entropy"] == pytest.approx(float((ent.detach()[ran] * mask[ran]).sum() / mask[ran].sum()), rel=1e-9)
 
 
 def test_on_policy_gspo_is_grpo_and_cispo_is_dapo():
