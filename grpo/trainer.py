@@ -39,6 +39,7 @@ from grpo.config import RunConfig
 from grpo.distributed import average_gradients, gather_metrics
 from grpo.distributed import global_max as dp_max
 from grpo.engines import Engine, Rollout, keep_freed_memory, make_engine
+from grpo.engines.base import stop_and_pad_ids
 from grpo.envs import Env, env_for
 from grpo.errors import TrainingDiverged
 from grpo.rewards import RewardFn, Scores, check_reward_columns, get_rewards, score
@@ -258,7 +259,7 @@ class GRPOTrainer:
         batches = len(rollouts)
         used = dp_max(batches) if ds.enabled and self.world_size > 1 else batches  # the same on every rank
         self.position += self.world_size * t.prompts_per_step * used
-        sampled, sampled_scores = Rollout.concat(rollouts, self._pad_id()), Scores.concat(scored)
+        sampled, sampled_scores = Rollout.concat(rollouts, stop_and_pad_ids(self.tokenizer)[1]), Scores.concat(scored)
         if not ds.enabled:
             self.trained_indices = indices
             return sampled, sampled_scores, sampled, sampled_scores, {}
@@ -272,10 +273,6 @@ class GRPOTrainer:
             "dynamic/groups_trained": float(len(groups)),
         }
         return sampled.select(rows), sampled_scores.select(rows.tolist()), sampled, sampled_scores, metrics
-
-    def _pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
     def advantages(self, scores: Scores) -> torch.Tensor:
         """(N,) advantages of the scored completions (`train.reward_aggregation`)."""
