@@ -250,7 +250,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from grpo_pipeline.flows.finetune import finetune
     from grpo_pipeline.flows.promote import promote
 
-    summary = _call_flow(finetune, config=cfg, resume_run_id=resume)
+    try:
+        summary = _call_flow(finetune, config=cfg, resume_run_id=resume)
+    except BaseException:  # a signal too: the MLflow run ends FAILED even if the crash hook did not run
+        runs.fail_opened_runs()
+        raise
     decision = None
     if not args.no_promote and summary.versions:
         decision = _call_flow(promote, config=cfg)

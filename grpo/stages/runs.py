@@ -97,6 +97,23 @@ def run_dir(cfg: RunConfig, run_id: str) -> Path:
     return Path(cfg.pipeline.output_dir).expanduser().absolute() / run_id
 
 
+OPENED: dict[str, str] = {}
+"""MLflow runs this process opened and has not closed (run id -> tracking URI): what
+`fail_opened_runs` ends when the process is stopped."""
+
+
+def fail_opened_runs() -> list[str]:
+    """End FAILED every run this process opened that is still RUNNING (the command line calls it when
+    a flow is stopped by a signal, whether or not the flow's crash hook got to run); their ids."""
+    failed = []
+    for run_id, uri in list(OPENED.items()):
+        if tracking.run_info(uri, run_id).status == "RUNNING":
+            tracking.end_run(uri, run_id, "FAILED")
+            failed.append(run_id)
+        OPENED.pop(run_id, None)
+    return failed
+
+
 def _process_tags() -> dict[str, str]:
     """Where the run's process lives: `mark_stale_runs` tells a crashed run from a live one by it."""
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
@@ -135,6 +152,7 @@ def open_run(
             tracking_uri, run_id, dataset.task, dataset.source,
             {"train": dataset.train_path, "test": dataset.test_path}, dataset.content_hash,
         )
+    OPENED[run_id] = tracking_uri
     return TrackedRun(run_id=run_id, experiment_id=experiment_id, tracking_uri=tracking_uri)
 
 
@@ -149,6 +167,7 @@ def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED", title: s
         for version in tracking.run_versions(tracking_uri, run_id):
             tracking.set_version_tags(tracking_uri, version.name, version.version, {RUN_FINISHED_TAG: "true"})
     tracking.end_run(tracking_uri, run_id, status)
+    OPENED.pop(run_id, None)
 
 
 def check_resumable(cfg: RunConfig, tracking_uri: str, run_id: str) -> None:
@@ -225,6 +244,7 @@ def fail_flow_run(cfg: RunConfig, flow_run_id: str) -> str | None:
         return None
     if tracking.run_info(uri, run_id).status == "RUNNING":
         tracking.end_run(uri, run_id, "FAILED")
+    OPENED.pop(run_id, None)
     return run_id
 
 
