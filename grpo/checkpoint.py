@@ -28,6 +28,10 @@ Files not listed in COMPLETE are not checked. Usage:
                            optimizer=opt, scheduler=sched, state={"step": step, "round": 1})
     state = load_checkpoint(latest_checkpoint(run_dir), model=model, optimizer=opt, scheduler=sched)
 
+`adapter="member-1"` saves (or loads into) one named adapter of a model holding several (a
+population, `grpo.pbt`); the folder has the same layout as a single adapter's, so it loads with
+`PeftModel.from_pretrained` and registers like any checkpoint.
+
 Not in the paper: the paper has no notion of checkpoints; resuming exactly (RNG and data position
 included) is what makes a retried Prefect task continue rather than restart.
 """
@@ -170,6 +174,28 @@ def _manifest_text(folder: Path, files: list[Path]) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
+def save_adapter(model: Any, folder: Path, adapter: str | None = None) -> None:
+    """The model's adapter (`adapter`: one named adapter of several) as `PeftModel.save_pretrained`
+    writes a single one: adapter_model.safetensors (keys without the adapter name) and
+    adapter_config.json at the top of `folder`."""
+    if adapter is None:
+        model.save_pretrained(str(folder))
+        return
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    weights = get_peft_model_state_dict(model, adapter_name=adapter)
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(folder / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    config = model.peft_config[adapter]
+    inference_mode = config.inference_mode
+    config.inference_mode = True
+    try:
+        config.save_pretrained(str(folder))
+    finally:
+        config.inference_mode = inference_mode
+
+
 def _write_files(
     tmp: Path,
     model: Any,
@@ -178,9 +204,10 @@ def _write_files(
     scheduler: Any | None,
     state: dict[str, Any],
     state_text: str,
+    adapter: str | None = None,
 ) -> None:
     """Everything of a checkpoint into `tmp`, the COMPLETE marker (with a file manifest) last."""
-    model.save_pretrained(str(tmp))
+    save_adapter(model, tmp, adapter)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     payload = {
@@ -208,11 +235,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     state: dict[str, Any],
+    adapter: str | None = None,
 ) -> Path:
     """Write a complete checkpoint to `dir` atomically and return its final path.
 
-    `model` is a peft model (its adapter is saved, not the base weights); `state` must be
-    JSON-able. Saving to a folder that already holds a checkpoint (a retried step) replaces it.
+    `model` is a peft model (its adapter is saved, not the base weights; `adapter` names one of
+    several); `state` must be JSON-able. Saving to a folder that already holds a checkpoint (a
+    retried step) replaces it.
     """
     target = Path(dir).absolute()
     try:
@@ -226,7 +255,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
 
     try:
-        _write_files(tmp, model, tokenizer, optimizer, scheduler, state, state_text)
+        _write_files(tmp, model, tokenizer, optimizer, scheduler, state, state_text, adapter)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a hard crash leaves it; latest_checkpoint skips it
         raise
@@ -405,9 +434,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     restore_rng_state: bool = True,
+    adapter: str = "default",
 ) -> dict[str, Any]:
-    """Load adapter weights into `model` (an existing peft model), optimizer and scheduler states,
-    restore the RNG states, and return the saved `state` dict."""
+    """Load adapter weights into `model` (an existing peft model; into its adapter named `adapter`),
+    optimizer and scheduler states, restore the RNG states, and return the saved `state` dict."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -417,8 +447,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {p}: {ADAPTER_WEIGHTS} not found; it was not saved from a peft model"
         )
-    adapter = load_file(str(weights), device=str(_model_device(model)))
-    result = set_peft_model_state_dict(model, adapter)
+    saved = load_file(str(weights), device=str(_model_device(model)))
+    result = set_peft_model_state_dict(model, saved, adapter_name=adapter)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise CheckpointError(

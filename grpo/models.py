@@ -305,15 +305,11 @@ def check_lora_targets(cfg: RunConfig) -> None:
         )
 
 
-def attach_lora(model: Any, lora: LoraConfig, seed: int = 0) -> Any:
-    """Wrap `model` in a fresh trainable LoRA adapter (only the adapter's weights train).
-
-    The adapter's random initialisation is drawn from `seed` (the global RNG is left as it was),
-    so two runs with the same seed start from the same adapter.
-    """
+def peft_lora_config(lora: LoraConfig) -> Any:
+    """The run's LoRA settings as a `peft.LoraConfig`."""
     import peft
 
-    config = peft.LoraConfig(
+    return peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -321,9 +317,28 @@ def attach_lora(model: Any, lora: LoraConfig, seed: int = 0) -> Any:
         task_type="CAUSAL_LM",
         bias="none",
     )
+
+
+def attach_lora(model: Any, lora: LoraConfig, seed: int = 0, adapter: str = "default") -> Any:
+    """Wrap `model` in a fresh trainable LoRA adapter named `adapter` (only the adapter's weights
+    train).
+
+    The adapter's random initialisation is drawn from `seed` (the global RNG is left as it was),
+    so two runs with the same seed start from the same adapter.
+    """
+    import peft
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return peft.get_peft_model(model, config)
+        return peft.get_peft_model(model, peft_lora_config(lora), adapter_name=adapter)
+
+
+def add_lora(model: Any, lora: LoraConfig, adapter: str, seed: int = 0) -> None:
+    """Add one more fresh LoRA adapter named `adapter` to a peft model, initialised from `seed`
+    as `attach_lora` does (the same seed gives the same weights); the active adapter is unchanged."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(adapter, peft_lora_config(lora))
 
 
 def load_policy(cfg: RunConfig, adapter_dir: str | None = None) -> tuple[Any, Any]:

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from grpo.config import GenerationConfig
+
 
 @dataclass
 class Rollout:
@@ -174,11 +176,14 @@ class Engine(Protocol):
     - `close()`: release what this engine holds (adapter folders, weight copies); idempotent.
 
     `name` is the registry's name; `sampler_is_trainer` says whether sampling runs the trained
-    model's own forward pass (no importance-sampling correction is needed then).
+    model's own forward pass (no importance-sampling correction is needed then); `gen` holds the
+    sampling settings `generate` reads (a population, `grpo.pbt`, sets each member's before it
+    samples).
     """
 
     name: ClassVar[str]
     sampler_is_trainer: ClassVar[bool]
+    gen: GenerationConfig
 
     def generate(
         self,

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
+from grpo.checkpoint import save_adapter
 from grpo.config import GenerationConfig, ModelConfig
 from grpo.engines.base import Rollout, completion_texts, stop_and_pad_ids, tokenize_prompts, unique_prompts
 from grpo.engines.hf import model_logprobs
@@ -198,12 +199,16 @@ class VLLMEngine:
         return self.engines.sleeping
 
     def sync(self, model: Any) -> None:
-        """Save the adapter to a fresh folder and point a new LoRA id at it (vLLM caches by id;
-        ids are unique per engine, across generators)."""
+        """Save the adapter (of several, the active one) to a fresh folder and point a new LoRA id
+        at it (vLLM caches by id; ids are unique per engine, across generators)."""
         self.model = model
         lora_id = self.engines.next_lora_id()
         folder = self.adapter_root / f"adapter-{lora_id:06d}"
-        model.save_pretrained(str(folder))
+        if len(getattr(model, "peft_config", {})) > 1:  # a population's model: its active adapter alone
+            folder.mkdir(parents=True)
+            save_adapter(model, folder, model.active_adapter)
+        else:
+            model.save_pretrained(str(folder))
         previous, self._folder = self._folder, folder
         self.lora_request = self.lora_request_cls(f"policy-{lora_id}", lora_id, str(folder))
         if previous is not None:
