@@ -2,6 +2,7 @@
 
     grpo compare [--experiment grpo-countdown] [--tracking-uri URI] [--out compare.png]
     grpo compare --parent RUN_ID          # the child runs of a sweep's parent run (its trials)
+    grpo compare --sweep NAME             # the same for the newest sweep named NAME in --experiment
 
 or from Python:
 
@@ -28,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from grpo import tracking
-from grpo.errors import TrackingError, UserError
+from grpo.errors import ConfigError, TrackingError, UserError
 from grpo.plots import new_figure
 from grpo.tracking import check_tracking, resolve_tracking_uri
 
@@ -199,13 +200,35 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         help="Compare the child runs of this MLflow run (a sweep's trials; `grpo sweep` prints the parent "
         "run id) instead of the whole experiment.",
     )
+    parser.add_argument(
+        "--sweep", default=None, metavar="NAME",
+        help="Compare the trials (or PBT members) of the newest sweep named NAME in --experiment.",
+    )
     parser.add_argument("--out", default="compare.png", help="PNG of the curves (default: %(default)s).")
     parser.add_argument("--no-plot", action="store_true", help="Print the table only.")
+
+
+def sweep_parent(tracking_uri: str | None, experiment: str, name: str) -> str:
+    """The parent run id of the newest sweep named `name` in `experiment`; `ConfigError` when none."""
+    from grpo.stages.runs import SWEEP_TAG
+    from grpo.stages.sweep import SWEEP_NAME_TAG
+
+    found = tracking.find_runs(_uri(tracking_uri), experiment, {SWEEP_TAG: "parent", SWEEP_NAME_TAG: name})
+    if not found:
+        raise ConfigError(
+            f"--sweep {name}: experiment {experiment!r} has no sweep of that name; pass the sweep's name from "
+            "its spec (and its experiment with --experiment), or its parent run id with --parent"
+        )
+    return str(found[-1].info.run_id)
 
 
 def run_compare(args: argparse.Namespace) -> int:
     """Print the table and write the PNG; raises `TrackingError` (a `UserError`) on server problems."""
     parent = getattr(args, "parent", None)
+    if getattr(args, "sweep", None) is not None:
+        if parent is not None:
+            raise ConfigError("--sweep and --parent both name a sweep; pass one of them")
+        parent = sweep_parent(args.tracking_uri, args.experiment, args.sweep)
     df = compare_runs(args.tracking_uri, args.experiment, parent_run_id=parent)
     print(format_table(df))
     if not args.no_plot and not df.empty:
