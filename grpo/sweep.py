@@ -18,9 +18,13 @@ Each trial's config is the base with its values applied, named `<sweep name>-<in
 
 Every mistake (an unknown field, an empty grid, a bad range, a trial config that does not
 validate) is a `grpo.errors.ConfigError` of one line naming the field and the fix, raised before
-any work. Not built yet: population based training (`strategy: pbt` is refused) and trials run
-concurrently (`max_concurrency` must be 1: trials run one after another in one process). Pure:
-no Prefect, no MLflow.
+any work. `work_pool` names a Prefect work pool: the flow then submits the trials to its workers
+(`max_concurrency` at once; unset = all); without one they run one after another in one process
+and `max_concurrency` must be 1.
+
+`strategy: pbt` (population based training, `grpo.pbt`) draws `pbt.population` members as
+`random` draws trials; the parameters must be among `PBT_MUTABLE`, and their lists or ranges are
+also the bounds of mutation. Pure: no Prefect, no MLflow.
 """
 
 from __future__ import annotations
@@ -57,7 +61,44 @@ FIXED_FIELDS = {
     "set it in `base`",
 }
 """Run-config fields a sweep cannot vary, and why."""
-STRATEGIES_NOT_BUILT = {"pbt": "population based training"}
+PBT_MUTABLE = ("train.learning_rate", "train.beta", "generation.temperature", "train.epsilon_high",
+               "train.group_size")
+"""The fields population based training may draw and mutate (one optimizer and engine per member
+take them between generations)."""
+
+
+class MutationSpec(BaseModel):
+    """How a clone's hyper-parameters are perturbed (`strategy: pbt`)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    probability: float = Field(0.5, ge=0, le=1, description="Chance that each listed field is perturbed.")
+    sd: float = Field(
+        0.2, gt=0,
+        description="Size of a perturbation: a log range is multiplied by exp(sd * z), a linear range moves "
+        "by sd * (high - low) * z (z standard normal), clipped to the range; a list moves to a neighbour.",
+    )
+
+
+class PBTSpec(BaseModel):
+    """Population based training (`strategy: pbt`): the population and its evolution."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    population: int = Field(4, ge=2, description="Members: one LoRA adapter, optimizer and set of values each.")
+    generations: int = Field(4, ge=1, description="Generations: train, evaluate, select, mutate.")
+    steps_per_generation: int = Field(10, ge=1, description="GRPO steps each member trains per generation.")
+    tournament_size: int = Field(2, ge=1, description="Members drawn per tournament; the best of them is cloned.")
+    elitism: bool = Field(True, description="The best member is kept unchanged (not replaced, not mutated).")
+    mutation: MutationSpec = Field(default_factory=MutationSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> PBTSpec:
+        if self.tournament_size > self.population:
+            raise ValueError(
+                f"tournament_size {self.tournament_size} exceeds population {self.population}; lower it"
+            )
+        return self
 
 
 class RangeSpec(BaseModel):
@@ -104,18 +145,26 @@ class SweepSpec(BaseModel):
         "relative path is read from the current folder) or an inline mapping of run-config fields; "
         "{} = the embedded default. The swept values are applied on top.",
     )
-    strategy: Literal["grid", "random"] = Field(
-        "grid", description="grid: every combination of the lists; random: `trials` seeded draws."
+    strategy: Literal["grid", "random", "pbt"] = Field(
+        "grid", description="grid: every combination of the lists; random: `trials` seeded draws; pbt: "
+        "population based training (the `pbt` section; parameters among " + ", ".join(PBT_MUTABLE) + ").",
     )
     parameters: dict[str, list[Any] | RangeSpec] = Field(
         description="Dotted run-config field -> list of values (grid, random) or, with strategy random, "
-        "a range {low, high, log, type}. Example: {'train.learning_rate': [0.0001, 0.0003]}.",
+        "a range {low, high, log, type}. Example: {'train.learning_rate': [0.0001, 0.0003]}. pbt: the "
+        "initial draws, and the bounds of mutation.",
     )
     trials: int | None = Field(
         None, ge=1, description="random: how many trials (required); grid: run at most this many."
     )
-    max_concurrency: int = Field(
-        1, ge=1, description="Trials at once; only 1 is built: trials run one after another in this process."
+    work_pool: str | None = Field(
+        None, min_length=1,
+        description="A Prefect work pool (on a Prefect server): each trial is a grpo-finetune deployment run "
+        "on it, so as many run at once as its workers take. None: trials run one after another in this process.",
+    )
+    max_concurrency: int | None = Field(
+        None, ge=1,
+        description="Most trials submitted to the work pool at once (None = all); without work_pool only 1.",
     )
     metric: str = Field(
         DEFAULT_METRIC, min_length=1,
@@ -125,19 +174,17 @@ class SweepSpec(BaseModel):
     promote: bool = Field(
         True, description="Run the promote flow for the best trial's best version (through its normal gate)."
     )
+    pbt: PBTSpec | None = Field(
+        None, description="strategy pbt: population, generations, steps per generation, selection and mutation."
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _check_input(cls, data: Any) -> Any:
-        """Refuse what is not built yet and normalise `parameters` (one message per mistake)."""
+        """Normalise `parameters` (one message per mistake)."""
         if not isinstance(data, dict):
             return data
         strategy = data.get("strategy", "grid")
-        if isinstance(strategy, str) and strategy.lower() in STRATEGIES_NOT_BUILT:
-            raise ValueError(
-                f"strategy: {strategy} ({STRATEGIES_NOT_BUILT[strategy.lower()]}) is not available yet; "
-                "use grid or random (docs/sweeps.md, 'Not built yet')"
-            )
         params = data.get("parameters")
         if isinstance(params, dict):
             data = {**data, "parameters": {
@@ -159,20 +206,31 @@ class SweepSpec(BaseModel):
             raise ValueError("no field to sweep; map at least one run-config field to its values")
         return v
 
-    @field_validator("max_concurrency")
-    @classmethod
-    def _one_at_a_time(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(
-                f"{v} trials at once is not built yet: trials run one after another in this process; "
-                "set max_concurrency: 1"
-            )
-        return v
-
     @model_validator(mode="after")
     def _trials(self) -> SweepSpec:
         if self.strategy == "random" and self.trials is None:
             raise ValueError("trials: strategy random needs the number of trials to draw, e.g. trials: 8")
+        if self.strategy == "pbt":
+            if self.trials is not None:
+                raise ValueError("trials: strategy pbt trains pbt.population members; remove trials")
+            if self.work_pool is not None:
+                raise ValueError("work_pool: a population trains in one process (one base model); remove work_pool")
+            for field in self.parameters:
+                if field not in PBT_MUTABLE:
+                    raise ValueError(
+                        f"parameters.{field}: strategy pbt mutates only {', '.join(PBT_MUTABLE)}; "
+                        "set other fields in base"
+                    )
+            if self.pbt is None:
+                self.pbt = PBTSpec()
+        elif self.pbt is not None:
+            raise ValueError(f"pbt: only strategy pbt reads it (strategy is {self.strategy}); remove it")
+        if self.work_pool is None and (self.max_concurrency or 1) > 1:
+            raise ValueError(
+                f"max_concurrency: {self.max_concurrency} trials at once need a work pool (without one, trials "
+                "run one after another in this process); name a Prefect work pool in work_pool, or set "
+                "max_concurrency: 1"
+            )
         return self
 
 
@@ -188,9 +246,9 @@ def _parameter(field: str, value: Any, strategy: Any) -> list[Any] | RangeSpec:
             raise ValueError(f"{where}: the grid is empty; give at least one value, e.g. [0.0001, 0.0003]")
         return list(value)
     if isinstance(value, dict):
-        if strategy != "random":
+        if strategy not in ("random", "pbt"):
             raise ValueError(
-                f"{where}: a range {{low, high}} needs strategy: random; for a grid list the values"
+                f"{where}: a range {{low, high}} needs strategy: random or pbt; for a grid list the values"
             )
         try:
             return RangeSpec.model_validate(value)
@@ -284,12 +342,12 @@ def _problem(e: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = ("unknown key; a sweep has name, base, strategy, parameters, trials, max_concurrency, "
-                   "metric, seed and promote")
+            *keys, last = SweepSpec.model_fields
+            msg = f"unknown key; a sweep has {', '.join(keys)} and {last}"
         elif err["type"] == "missing":
             msg = "required"
         elif err["type"] == "literal_error" and loc == "strategy":
-            msg = f"{err['input']!r} is not a strategy; use grid or random"
+            msg = f"{err['input']!r} is not a strategy; use grid, random or pbt"
         elif loc.startswith("parameters."):  # a union member's noise: the normalised value is checked above
             continue
         parts.append(f"{loc}: {msg}" if loc else msg)
@@ -350,8 +408,9 @@ def base_config(spec: SweepSpec) -> RunConfig:
 
 def draws(spec: SweepSpec) -> list[dict[str, Any]]:
     """The swept values of each trial, in order: the grid's cartesian product (the first parameter
-    varies slowest; capped at `trials`), or `trials` draws of `random.Random(seed)` (a list: one
-    of its values; a range: a value in it), parameters drawn in the spec's order."""
+    varies slowest; capped at `trials`), or `trials` (pbt: `pbt.population`) draws of
+    `random.Random(seed)` (a list: one of its values; a range: a value in it), parameters drawn in
+    the spec's order."""
     names = list(spec.parameters)
     if spec.strategy == "grid":
         lists = [typing.cast(list[Any], spec.parameters[n]) for n in names]
@@ -361,7 +420,8 @@ def draws(spec: SweepSpec) -> list[dict[str, Any]]:
         return [dict(zip(names, combo)) for combo in combos]
     rng = random.Random(spec.seed)
     out = []
-    for _ in range(typing.cast(int, spec.trials)):
+    count = spec.pbt.population if spec.pbt is not None else typing.cast(int, spec.trials)
+    for _ in range(count):
         values = {}
         for n in names:
             p = spec.parameters[n]

@@ -14,7 +14,8 @@ The application's entry point (the library `grpo` never imports it). `grpo run` 
 flow, then the promote flow, against Prefect (its temporary local server unless PREFECT_API_URL
 is set) and MLflow (sqlite:///mlflow.db here unless MLFLOW_TRACKING_URI or
 pipeline.tracking_uri says otherwise), and prints where to look. `grpo sweep` runs the sweep
-flow the same way (one finetune flow per trial, then promote the best: docs/sweeps.md).
+flow the same way (one finetune flow per trial, here or on the spec's `work_pool`, then promote
+the best: docs/sweeps.md).
 
 Every mistake a user can make (config, data, paths, model, servers) ends as one line
 `error: <message>` on stderr with exit status 2, before any training: the config is validated
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trial's best version if it beats the champion. See docs/sweeps.md and configs/sweep-tiny.yaml.",
     )
     p.add_argument("--config", metavar="FILE", required=True,
-                   help="Sweep spec (YAML): name, base, strategy, parameters, trials, metric, seed, promote.")
+                   help="Sweep spec (YAML): name, base, strategy, parameters, trials, work_pool, metric, seed, ...")
     p.add_argument(
         "--resume", metavar="RUN_ID", default=None,
         help="Continue the sweep whose parent MLflow run is RUN_ID (same spec): finished trials are not "
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare", add_help=False,
-        help="Compare the runs of an MLflow experiment, or a sweep's trials with --parent (table + plot).",
+        help="Compare the runs of an MLflow experiment, or a sweep's trials with --parent or --sweep (table + plot).",
     )
     p.set_defaults(func=cmd_compare)  # main() hands `grpo compare ...` to grpo.compare's parser
     return parser
@@ -350,6 +351,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     spec = load_sweep(args.config)
     trials = stage.plan(spec)  # every trial config validated and preflighted: one line, before Prefect
+    if spec.strategy == "pbt":
+        from grpo.stages.pbt import check_population
+
+        check_population(spec, trials)
     first = trials[0].config
     uri = tracking.resolve_tracking_uri(first.pipeline.tracking_uri)
     if args.resume is not None:
@@ -357,6 +362,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         stage.check_resumable(spec, uri, args.resume, tracking.make_experiment(uri, str(first.pipeline.experiment)))
     check_prefect_api()
     from grpo_pipeline.flows.sweep import sweep
+    from grpo_pipeline.tasks.sweep import check_work_pool_api
+
+    check_work_pool_api(spec)  # a work pool needs a Prefect server: one line, before the flow starts
 
     summary = _call_flow(sweep, spec=spec, resume_run_id=args.resume)
     print()

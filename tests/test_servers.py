@@ -1,6 +1,6 @@
 """The deployments against real servers, as a user runs them, and both UIs in a real browser.
 
-    pytest -q tests/test_servers.py          # ~2-4 min on 2 cores; `-m "not servers"` skips it
+    pytest -q tests/test_servers.py          # ~3-5 min on 2 cores; `-m "not servers"` skips it
 
 Once per module: `prefect server start` and `mlflow server` (sqlite + served artifacts) on
 127.0.0.1 free ports, and `python deployments/serve.py` serving both deployments from a
@@ -9,13 +9,16 @@ nightly schedule is registered with its cron string; a run triggered through the
 (`run_deployment`, what the UI's Run button calls) completes and its MLflow run is on the MLflow
 server; a bad parameter fails that flow run fast with a message naming the field; headless
 Chromium finds the deployment in the Prefect UI and the run in the MLflow UI (screenshots under
-test-artifacts/); `deployments/prefect.yaml` deploys onto a process work pool.
+test-artifacts/); a 2-trial sweep with `work_pool` runs its trials on two `prefect worker`
+processes of one process pool at the same time, as children of one parent MLflow run, and
+promotes the better one; `deployments/prefect.yaml` deploys onto a process work pool.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +36,7 @@ from servers import (
     Server,
     chromium,
     chromium_available,
+    clean_env,
     make_mlflow_server,
     make_prefect_server,
     serve_deployments,
@@ -315,6 +319,117 @@ def test_mlflow_ui_shows_the_run(stack: Stack, finetune_run: Any) -> None:
     assert EXPERIMENT in dom
     assert "served-tiny-run" in dom, dom[-2000:]
     assert (ARTIFACTS / "mlflow-experiment.png").stat().st_size > 10_000
+
+
+SWEEP_POOL = "sweep-pool"
+WORKERS = ("sweep-worker-0", "sweep-worker-1")
+METRIC = "completion_length_mean"
+
+
+def wait_for_workers(pool: str, names: tuple[str, ...], workers: list[Server], timeout: float) -> None:
+    """Poll the pool until every worker in `names` is ONLINE (a worker that exits fails at once)."""
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for w in workers:
+            w.check_alive()
+        with get_client(sync_client=True) as client:
+            online = {w.name for w in client.read_workers_for_work_pool(pool)
+                      if getattr(w.status, "value", w.status) == "ONLINE"}
+        if set(names) <= online:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"workers {sorted(set(names) - online)} not online after {timeout:.0f} s; log tail:\n"
+                        f"{workers[0].log_tail()}")
+        time.sleep(1)
+
+
+def test_a_sweep_spreads_its_trials_over_the_work_pools_workers(
+    stack: Stack, api: None, tiny_model_dir: Path
+) -> None:
+    """`grpo sweep` with `work_pool`: 2 trials, 2 process workers (one flow run each at a time):
+    the flow run records show the trials on different workers at overlapping times; both MLflow
+    runs are children of one parent; the better trial's best version holds the champion alias."""
+    from mlflow import MlflowClient
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    from grpo_pipeline.tasks.sweep import trial_deployment
+
+    prefect_cli(stack, "work-pool", "create", SWEEP_POOL, "--type", "process")
+    env = clean_env({
+        **stack.prefect.client_env(),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(stack.work)]),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "OMP_NUM_THREADS": "1",  # two trainings on 2 cores: one thread each
+    })
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    workers = [
+        Server(name=name, env=env, cwd=stack.work, log=stack.work / f"{name}.log",
+               cmd=[prefect, "worker", "start", "--pool", SWEEP_POOL, "--type", "process", "--name", name,
+                    "--limit", "1"])
+        for name in WORKERS
+    ]
+    base = tiny_config(stack, tiny_model_dir, "pool-sweep")
+    base["pipeline"].update(experiment="pool-sweep", registered_model="lora-pool-sweep")
+    # The untrained tiny model scores 0 on Countdown whatever the trial, so the sweep maximises a
+    # metric the trials differ on: trial 1 may write 16 tokens, trial 0 only 8 (it rarely stops early).
+    spec = {"name": "pool-sweep", "base": base, "parameters": {"generation.max_new_tokens": [8, 16]},
+            "metric": METRIC, "work_pool": SWEEP_POOL}
+    (stack.work / "pool-sweep.yaml").write_text(json.dumps(spec))  # JSON is YAML
+    try:
+        for w in workers:
+            w.start()
+        wait_for_workers(SWEEP_POOL, WORKERS, workers, timeout=120)
+        t0 = time.monotonic()
+        p = subprocess.run(
+            [sys.executable, "-m", "grpo_pipeline", "sweep", "--config", "pool-sweep.yaml"], cwd=stack.work,
+            env={**env, "MLFLOW_TRACKING_URI": stack.mlflow.url}, capture_output=True, text=True, timeout=420,
+        )
+        wall = time.monotonic() - t0
+    finally:
+        for w in workers:
+            w.stop()
+    logs = "\n".join(f"--- {w.name}\n{w.log_tail(2000)}" for w in workers)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}\n{logs}"
+    parent_run_id = re.search(r"2 trials under parent run (\w+)", p.stdout).group(1)
+
+    client = MlflowClient(stack.mlflow.url)
+    parent = client.get_run(parent_run_id)
+    sweep_flow_run = parent.data.tags["prefect_flow_run_id"]
+    deployment = trial_deployment(SWEEP_POOL).split("/", 1)[1]
+    with get_client(sync_client=True) as prefect_client:
+        runs = prefect_client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+        )
+        callers = {str(prefect_client.read_task_run(r.parent_task_run_id).flow_run_id) for r in runs}
+    assert sorted(r.name for r in runs) == ["pool-sweep-0", "pool-sweep-1"], [r.name for r in runs]
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state.type) for r in runs]
+    assert all(r.work_pool_name == SWEEP_POOL for r in runs)
+    assert callers == {sweep_flow_run}  # both are subflows of the grpo-sweep flow run
+    # Two workers, each took one trial (the label a worker gives the flow runs it starts) ...
+    assert sorted(r.labels.get("prefect.worker.name") for r in runs) == sorted(WORKERS), [r.labels for r in runs]
+    # ... and they ran at the same time.
+    starts, ends = [r.start_time for r in runs], [r.end_time for r in runs]
+    assert max(starts) < min(ends), f"no overlap: {list(zip(starts, ends))}"
+
+    children = sorted(client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"),
+                      key=lambda r: r.info.run_name)
+    assert [c.info.run_name for c in children] == ["pool-sweep-0", "pool-sweep-1"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.tags["prefect_flow_run_id"] for c in children) == sorted(str(r.id) for r in runs)
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.work_pool"] == SWEEP_POOL
+    # The better trial (the higher best value of the metric: trial 1, not the tie-break's trial 0) is promoted.
+    best = [max(m.value for m in client.get_metric_history(c.info.run_id, METRIC)) for c in children]
+    assert best[1] > best[0], best
+    winner = 1
+    assert parent.data.tags["sweep.best_trial"] == str(winner), (best, parent.data.tags)
+    champion = client.get_model_version_by_alias("lora-pool-sweep", "champion")
+    assert champion.version == parent.data.tags["sweep.best_version"]
+    assert champion.run_id == children[winner].info.run_id
+    assert parent.data.tags["sweep.promotion"] == f"promoted v{champion.version}"
+    print(f"\n2-trial sweep on 2 workers: {wall:.0f} s wall; best {METRIC} per trial {best}")
 
 
 def test_prefect_yaml_deploys_to_a_process_work_pool(stack: Stack, api: None) -> None:

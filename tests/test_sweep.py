@@ -72,10 +72,15 @@ BAD_SPECS = {
     "range in a grid": (
         spec_data(parameters={LR: {"low": 1e-5, "high": 1e-3}}), "a range {low, high} needs strategy: random",
     ),
-    "pbt": (spec_data(strategy="pbt"), "strategy: pbt (population based training) is not available yet"),
-    "unknown strategy": (spec_data(strategy="bayes"), "strategy: 'bayes' is not a strategy; use grid or random"),
+    "pbt field": (spec_data(strategy="pbt", parameters={"train.max_grad_norm": [0.5]}),
+                  "parameters.train.max_grad_norm: strategy pbt mutates only"),
+    "unknown strategy": (spec_data(strategy="bayes"), "strategy: 'bayes' is not a strategy; use grid, random or pbt"),
     "random without trials": (spec_data(strategy="random"), "trials: strategy random needs the number of trials"),
-    "concurrency": (spec_data(max_concurrency=2), "max_concurrency: 2 trials at once is not built yet"),
+    "concurrency without a work pool": (
+        spec_data(max_concurrency=2), "max_concurrency: 2 trials at once need a work pool",
+    ),
+    "empty work pool": (spec_data(work_pool=""), "work_pool: String should have at least 1 character"),
+    "zero concurrency": (spec_data(work_pool="cpu", max_concurrency=0), "max_concurrency: Input should be"),
     "spec key typo": (spec_data(trails=3), "trails: unknown key"),
     "bad name": (spec_data(name="my sweep"), "name: 'my sweep' is not a usable run name"),
     "bad trial config": (
@@ -163,9 +168,9 @@ def test_the_example_spec_and_its_docs() -> None:
         if isinstance(data.get("base"), str):  # relative to the repository root
             data["base"] = str(ROOT / data["base"])
         build_sweep(data)
-    assert "### Not built yet" in doc
-    for planned in ("work pool's workers", "PBT", "measurements"):
-        assert planned in doc.split("Not built yet")[-1]
+    assert "work pool's workers" not in doc.split("Not built yet")[-1]  # built: section 2
+    assert (ROOT / "configs" / "pbt-tiny.yaml").read_text() in doc and "refused" not in doc.split("Not built yet")[-1]
+    assert load_sweep(ROOT / "configs" / "pbt-tiny.yaml").strategy == "pbt"
 
 
 def test_the_docs_python_example_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -174,6 +179,102 @@ def test_the_docs_python_example_runs(monkeypatch: pytest.MonkeyPatch, capsys: p
     exec(compile(block, "docs/sweeps.md", "exec"), {"__name__": "__docs__"})
     out = capsys.readouterr().out.splitlines()
     assert out == ["tiny-lr-0 {'train.learning_rate': 0.0001} 1", "tiny-lr-1 {'train.learning_rate': 0.0003} 1"]
+
+
+def test_a_work_pool_spec_and_its_errors(tmp_path: Path) -> None:
+    """`work_pool` with any concurrency validates; without a Prefect server it is one line."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from grpo_pipeline.tasks.sweep import check_work_pool_api, trial_deployment
+
+    assert build_sweep(spec_data()).max_concurrency is None and build_sweep(spec_data()).work_pool is None
+    spec = build_sweep(spec_data(work_pool="cpu", max_concurrency=3))
+    assert (spec.work_pool, spec.max_concurrency) == ("cpu", 3)
+    assert build_sweep(spec_data(max_concurrency=1)).max_concurrency == 1  # 1 needs no pool
+    assert trial_deployment("cpu") == "grpo-finetune/sweep-cpu"
+    assert check_work_pool_api(build_sweep(spec_data())) is None  # no pool: nothing to check
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(ConfigError) as err:
+            check_work_pool_api(spec)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("work_pool: 'cpu' needs a Prefect server"), message
+    assert "prefect server start" in message and "PREFECT_API_URL" in message
+
+
+def test_grpo_sweep_on_a_work_pool_without_a_prefect_server_is_one_line(
+    tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str, capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from grpo_pipeline.cli import main
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / ".prefect"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    spec = _spec(tmp_path, tiny_model_dir, mlflow_uri, "swnoserver", work_pool="cpu")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(spec.model_dump(mode="json")))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["sweep", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: work_pool: 'cpu' needs a Prefect server"), err
+    assert MlflowClient(mlflow_uri).get_experiment_by_name("exp-swnoserver") is None  # nothing started
+
+
+def test_a_missing_work_pool_is_one_line(tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str,
+                                         prefect_harness: None) -> None:
+    from grpo_pipeline.tasks.sweep import deploy_trials
+
+    spec = _spec(tmp_path, tiny_model_dir, mlflow_uri, "swnopool", work_pool="nope")
+    with pytest.raises(ConfigError, match="^work_pool: no work pool 'nope' on the Prefect server at .*; create "
+                                          "it with `prefect work-pool create nope --type process`"):
+        deploy_trials.fn(spec)
+
+
+def test_trial_flow_runs_are_waited_for_and_taken_over(
+    tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str, prefect_harness: None
+) -> None:
+    """`wait_for_trials` returns the ended runs (a failure as one line); `submit_trial` takes over
+    a trial's flow run that is still in flight instead of submitting a second one."""
+    from prefect import get_client
+    from prefect.states import Completed, Failed, Scheduled
+
+    from grpo_pipeline.tasks.sweep import TRIAL_RUN_TAG, submit_trial, wait_for_trials
+
+    spec = _spec(tmp_path, tiny_model_dir, mlflow_uri, "swwait", work_pool="cpu")
+    trial = stage.plan(spec, preflight=False)[0]
+    with get_client(sync_client=True) as client:
+        done = client.create_flow_run(flow=_named_flow("swwait-flow"), name="swwait-0", state=Completed())
+        bad = client.create_flow_run(flow=_named_flow("swwait-flow"), name="swwait-1",
+                                     state=Failed(message="Flow run encountered an exception: ConfigError: boom"))
+        live = client.create_flow_run(flow=_named_flow("swwait-flow"), name="swwait-2", state=Scheduled(),
+                                      tags=[f"{TRIAL_RUN_TAG}:child-run-2"])
+    ended = wait_for_trials.fn([str(done.id), str(bad.id), str(live.id)], poll_seconds=0.1)
+    assert ended == {str(done.id): None, str(bad.id): "flow run swwait-1 FAILED: ConfigError: boom"}
+    # The in-flight run is returned as the trial's; no deployment is touched (this one does not exist).
+    assert submit_trial.fn("grpo-finetune/nope", trial, "child-run-2", mlflow_uri, str(tmp_path)) == str(live.id)
+
+
+def _named_flow(name: str) -> object:
+    from prefect import flow
+
+    @flow(name=name)
+    def f() -> None:
+        return None
+
+    return f
+
+
+def test_resuming_may_change_where_the_trials_run(tmp_path: Path, tiny_model_dir: Path, mlflow_uri: str) -> None:
+    """A sweep begun in one process may be resumed on a work pool (and the other way): `work_pool`
+    and `max_concurrency` are not part of what must match; the trials' fields are."""
+    spec = _spec(tmp_path, tiny_model_dir, mlflow_uri, "swmove")
+    parent = stage.open_parent(spec, mlflow_uri)
+    moved = SweepSpec.model_validate({**spec.model_dump(), "work_pool": "cpu", "max_concurrency": 2})
+    stage.check_resumable(moved, mlflow_uri, parent.run_id, parent.experiment_id)
+    other = SweepSpec.model_validate({**moved.model_dump(), "seed": 3})
+    with pytest.raises(ConfigError, match="the spec's seed is 3 here but 0"):
+        stage.check_resumable(other, mlflow_uri, parent.run_id, parent.experiment_id)
 
 
 # ----------------------------------------------------------------------------- results, pure
@@ -371,7 +472,8 @@ def test_a_failed_trial_fails_the_sweep_in_one_line_after_the_others(
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("name: s\nparameters: {train.learnin_rate: [0.1]}\n", "error: invalid sweep: parameters.train.learnin_rate:"),
-    ("name: s\nstrategy: pbt\nparameters: {train.learning_rate: [0.1]}\n", "is not available yet"),
+    ("name: s\nstrategy: pbt\nparameters: {train.learning_rate: [0.1]}\ntrials: 2\n",
+     "strategy pbt trains pbt.population"),
     ("name: s\nparameters: {train.learning_rate: []}\n", "the grid is empty"),
     ("- just\n- a list\n", "must hold a mapping"),
 ])

@@ -19,7 +19,9 @@ trial index). Each trial is a child run (`mlflow.parentRunId`, `sweep_trial=<ind
 stage creates with the trial's config as params and `config.json`, exactly as the finetune flow
 would, and that the finetune flow then continues through its `resume_run_id`.
 
-Resume: a retried flow run finds its parent by `prefect_flow_run_id` (a new flow run by
+Where trials run (in the flow's process, or as deployment runs on a work pool's workers) is the
+flow's business; this stage only opens the child runs first, so every trial is a child of one parent
+whichever process trains it. Resume: a retried flow run finds its parent by `prefect_flow_run_id` (a new flow run by
 `resume_run_id`, the parent's id); a trial whose child run is FINISHED is not run again (its
 results are read back), an unfinished one is continued from its checkpoints. A child run started
 with another config (the spec or its base file changed since) is refused in one line. Pure: no
@@ -183,6 +185,7 @@ def spec_params(spec: SweepSpec) -> dict[str, Any]:
         "sweep.metric": spec.metric,
         "sweep.seed": spec.seed,
         "sweep.trials": spec.trials,
+        "sweep.work_pool": spec.work_pool,
         "sweep.max_concurrency": spec.max_concurrency,
         "sweep.promote": spec.promote,
         "sweep.base": spec.base if isinstance(spec.base, str) else "inline",
@@ -196,8 +199,14 @@ def _first_difference(here: dict[str, Any], there: dict[str, Any]) -> str:
     return next((k for k in sorted(set(here) | set(there)) if here.get(k) != there.get(k)), "the spec")
 
 
+EXECUTION_FIELDS = ("work_pool", "max_concurrency")
+"""Spec fields that say where and how many trials run at once, not what they are: a resumed sweep
+may change them (e.g. continue on a work pool what began in one process)."""
+
+
 def check_resumable(spec: SweepSpec, tracking_uri: str, run_id: str, experiment_id: str) -> None:
-    """`ConfigError` unless `run_id` is a sweep's parent run in this experiment started with this spec."""
+    """`ConfigError` unless `run_id` is a sweep's parent run in this experiment started with this spec
+    (`EXECUTION_FIELDS` may differ)."""
     info = tracking.run_info(tracking_uri, run_id)
     if info.experiment_id != experiment_id:
         raise ConfigError(
@@ -209,7 +218,9 @@ def check_resumable(spec: SweepSpec, tracking_uri: str, run_id: str, experiment_
             "parent run id that `grpo sweep` printed"
         )
     stored = tracking.read_json_artifact(tracking_uri, run_id, SPEC_ARTIFACT)
-    here = spec.model_dump(mode="json")
+    here = spec.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+    if stored is not None:
+        stored = {k: v for k, v in stored.items() if k not in EXECUTION_FIELDS}
     if stored is not None and stored != here:
         key = _first_difference(here, stored)
         raise ConfigError(

@@ -147,3 +147,61 @@ def test_sampler_logprobs_and_the_importance_sampling_correction(model_dir: Path
     assert metrics["is/delta_abs_mean"] < 1e-3 and abs(metrics["is/weight_mean"] - 1.0) < 1e-2
     assert metrics["is/capped_fraction"] == 0.0
     close_engines()
+
+
+def test_a_population_shares_one_engine(model_dir: Path) -> None:
+    """Two named adapters on one model (a PBT population, `grpo.pbt`): after `set_adapter` and a
+    sync, the real engine samples with that member's adapter (greedy = transformers + peft)."""
+    from grpo.models import add_lora, attach_lora, load_base_model
+
+    cfg = config(model_dir)
+    model = attach_lora(load_base_model(cfg.model), cfg.lora, adapter="member-0")
+    add_lora(model, cfg.lora, "member-1")
+    with torch.no_grad():  # member-1 moves the outputs, member-0 does not
+        for name, param in model.named_parameters():
+            if "lora_B" in name and ".member-1." in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+    tokenizer = load_policy(cfg)[1]
+    engine = VLLMEngine(model, tokenizer, cfg.generation, cfg.model)
+    hf = HFEngine(model, tokenizer, cfg.generation)
+    try:
+        outputs = []
+        for member in ("member-0", "member-1"):
+            model.set_adapter(member)
+            engine.sync(model)
+            out = engine.generate(PROMPTS, 1, greedy=True).completion_ids
+            assert torch.equal(out, hf.generate(PROMPTS, 1, greedy=True).completion_ids)
+            outputs.append(out)
+        assert not torch.equal(outputs[0], outputs[1])
+    finally:
+        engine.close()
+        close_engines()
+
+
+def test_a_population_trains_and_evolves_on_the_engine(model_dir: Path) -> None:
+    """`grpo.pbt.Population` with generation.backend=vllm: one engine for the members' steps and
+    evaluations, each member's adapter trained alone, a clone taking its parent's adapter."""
+    from peft import get_peft_model_state_dict
+
+    from grpo.pbt import Population, generation_rng
+    from grpo.sweep import MutationSpec
+
+    cfgs = [config(model_dir, "train.prompts_per_step=2", "train.group_size=4", "train.micro_batch_size=8",
+                   "eval.num_problems=4", "eval.batch_size=4", "eval.sampled_problems=0",
+                   f"train.learning_rate={lr}") for lr in (1e-3, 3e-3)]
+    values = [{"train.learning_rate": 1e-3}, {"train.learning_rate": 3e-3}]
+    pop = Population.create(cfgs, values, generate(40, seed=0), generate(8, seed=1), total_steps=2)
+    try:
+        engine = SHARED.engine
+        pop.train(1, progress=False)
+        results = pop.evaluate(progress=False)
+        assert SHARED.engine is engine and len(results) == 2 and all(r.n == 4 for r in results)
+        assert [m.trainer.step_count for m in pop.members] == [1, 1]
+        pop.evolve([1, 1], 1, {"train.learning_rate": [1e-3, 3e-3]}, MutationSpec(probability=0.0),
+                   generation_rng(0, 1))
+        weights = [get_peft_model_state_dict(pop.model, adapter_name=m.name) for m in pop.members]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+        assert pop.members[0].values == {"train.learning_rate": 3e-3}
+    finally:
+        pop.close()
+        close_engines()
