@@ -11,7 +11,9 @@ sweep's parent run (docs/sweeps.md). Without `spec.work_pool` the trials run one
 this process as subflows; with it (a Prefect server needed) each unfinished trial's child run is
 opened here, then the trial is submitted as a run of the deployment `grpo-finetune/sweep-<pool>`
 (created or updated here), at most `spec.max_concurrency` at once, and the flow waits for them: as
-many train at once as the pool's workers take, each worker possibly on another machine. A failed
+many train at once as the pool's workers take, each worker possibly on another machine. With
+`strategy: pbt` the trials are the members of one population trained in this process instead
+(`grpo_pipeline.flows.pbt`: one task per generation; the best member is promoted). A failed
 trial does not stop the others: the results are logged, the parent run ends FAILED and the flow
 fails in one line (`TrialsFailed`) without promoting. A retried flow run, or a new one with
 `resume_run_id` (the parent run id; `grpo sweep --resume`), does not run the finished trials
