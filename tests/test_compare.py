@@ -39,7 +39,6 @@ def _log_run(client, exp_id: str, name: str, group_size: int, accs: list[tuple[i
 @pytest.fixture(scope="module")
 def two_runs(mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
     """Experiment name and the ids of run A (group 4) and run B (group 8, one registered version)."""
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_uri)
@@ -57,9 +56,9 @@ def two_runs(mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> tuple
     model = client.create_logged_model(exp_id, name="adapter", source_run_id=b)
     client.log_model_artifacts(model.model_id, str(folder))
     client.finalize_logged_model(model.model_id, "READY")
-    mlflow.set_registry_uri(mlflow_uri)
-    mlflow.set_tracking_uri(mlflow_uri)
-    mlflow.register_model(f"models:/{model.model_id}", f"{exp_name}-lora")
+    registry = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)  # no process-wide registry URI for later tests
+    registry.create_registered_model(f"{exp_name}-lora")
+    registry.create_model_version(f"{exp_name}-lora", f"models:/{model.model_id}", run_id=b, model_id=model.model_id)
     return exp_name, a, b
 
 

@@ -219,7 +219,7 @@ def test_run_deployment_completes_and_logs_to_mlflow_server(stack: Stack, finetu
 
     run = finetune_run
     assert run.state.is_completed(), f"{run.state.type}: {run.state.message}\n{stack.serve.log_tail()}"
-    client = MlflowClient(stack.mlflow.url)
+    client = MlflowClient(stack.mlflow.url, registry_uri=stack.mlflow.url)
     exp = client.get_experiment_by_name(EXPERIMENT)
     assert exp is not None, "the experiment is not on the MLflow server"
     found = client.search_runs([exp.experiment_id], f"tags.prefect_flow_run_id = '{run.id}'")
@@ -276,7 +276,7 @@ def test_bad_parameter_fails_fast_naming_the_field(
     # Nothing ran: the flow failed on its parameters, before any MLflow run was opened.
     from mlflow import MlflowClient
 
-    client = MlflowClient(stack.mlflow.url)
+    client = MlflowClient(stack.mlflow.url, registry_uri=stack.mlflow.url)
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         assert not client.search_runs([exp.experiment_id], f"tags.prefect_flow_run_id = '{run.id}'")
@@ -310,7 +310,7 @@ def test_prefect_ui_shows_deployments(stack: Stack, api: None) -> None:
 def test_mlflow_ui_shows_the_run(stack: Stack, finetune_run: Any) -> None:
     from mlflow import MlflowClient
 
-    client = MlflowClient(stack.mlflow.url)
+    client = MlflowClient(stack.mlflow.url, registry_uri=stack.mlflow.url)
     exp = client.get_experiment_by_name(EXPERIMENT)
     assert exp is not None
     url = f"{stack.mlflow.url}/#/experiments/{exp.experiment_id}/runs"
@@ -395,7 +395,7 @@ def test_a_sweep_spreads_its_trials_over_the_work_pools_workers(
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}\n{logs}"
     parent_run_id = re.search(r"2 trials under parent run (\w+)", p.stdout).group(1)
 
-    client = MlflowClient(stack.mlflow.url)
+    client = MlflowClient(stack.mlflow.url, registry_uri=stack.mlflow.url)
     parent = client.get_run(parent_run_id)
     sweep_flow_run = parent.data.tags["prefect_flow_run_id"]
     deployment = trial_deployment(SWEEP_POOL).split("/", 1)[1]
