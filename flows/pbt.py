@@ -2,7 +2,7 @@
 optional warm start, one task per generation, the best member registered, the lineage logged.
 
     # in the sweep flow, after the parent MLflow run is open:
-    results, failures, best = run_population(spec, trials, parent, progress_id, flow_run_id)
+    results, best = run_population(spec, trials, parent, progress_id, flow_run_id)
 
 The members are the sweep's trials (their initial values drawn from the spec) and train in this
 process on one base model (`grpo.pbt`). The dataset is prepared once and the warm start
@@ -33,9 +33,10 @@ from grpo_pipeline.tasks.train import warm_start
 
 def run_population(
     spec: SweepSpec, trials: list[Trial], parent: SweepRun, progress_id: Any, flow_run_id: str | None
-) -> tuple[list[TrialResult], dict[int, str], TrialResult]:
-    """Train the population generation by generation: (one result per member, failures (none: a
-    generation that fails after its retries fails the flow), the registered best member's result)."""
+) -> tuple[list[TrialResult], TrialResult]:
+    """Train the population generation by generation: (one result per member, the registered best
+    member's result). A generation that fails after its retries fails the flow (the population is
+    one training: there is no partial result to keep going with)."""
     assert spec.pbt is not None
     logger = get_run_logger()
     uri = parent.tracking_uri
@@ -62,4 +63,4 @@ def run_population(
     for trial, run_id in zip(trials, member_runs):
         close_run(uri, run_id, "FINISHED", trial.run_name)
     results = [trial_result(uri, trial, run_id, spec.metric) for trial, run_id in zip(trials, member_runs)]
-    return results, {}, results[best]
+    return results, results[best]

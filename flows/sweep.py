@@ -187,7 +187,8 @@ def sweep(spec: SweepSpec, resume_run_id: str | None = None) -> SweepSummary:
     )
 
     if spec.strategy == "pbt":
-        results, failures, best = run_population(spec, trials, parent, progress_id, flow_run_id)
+        results, best = run_population(spec, trials, parent, progress_id, flow_run_id)
+        failures: dict[int, str] = {}
     elif deployment is None:
         results, failures = run_here(spec, trials, parent, progress_id)
         best = stage.best_trial(results)

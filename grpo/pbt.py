@@ -37,7 +37,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from grpo.checkpoint import load_checkpoint, save_checkpoint
 from grpo.config import RunConfig, format_validation_error
 from grpo.errors import ConfigError
 from grpo.evaluate import EvalResult
-from grpo.sweep import MutationSpec, RangeSpec
+from grpo.sweep import MutationSpec, RangeSpec, set_dotted
 
 POPULATION_JSON = "population.json"
 MEMBER_VALUES = "member_values"
@@ -136,11 +136,7 @@ def with_values(cfg: RunConfig, values: dict[str, Any]) -> RunConfig:
     `ConfigError` line naming it)."""
     data = cfg.model_dump(mode="json")
     for dotted, value in values.items():
-        *path, last = dotted.split(".")
-        cur = data
-        for part in path:
-            cur = cur[part]
-        cur[last] = value
+        set_dotted(data, dotted, value)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
@@ -196,9 +192,6 @@ class Population:
     engine: Any
     members: list[Member]
     test_rows: Any
-    generation: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    """One record per finished generation (what `population.json` holds)."""
 
     @classmethod
     def create(
@@ -347,7 +340,6 @@ class Population:
             t.step_count = int(state["step"])
             t.position = int(state["data_position"])
             self.set_values(m, values)
-        self.generation = int(record["generation"])
         return record
 
     def close(self) -> None:

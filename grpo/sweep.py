@@ -315,7 +315,8 @@ def check_field(field: str) -> None:
             model = sub
 
 
-def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set the dotted field `dotted` (`train.learning_rate`) of a nested mapping to a copy of `value`."""
     cur = d
     for part in dotted.split(".")[:-1]:
         nxt = cur.get(part)
@@ -447,7 +448,7 @@ def trial_configs(spec: SweepSpec) -> list[tuple[dict[str, Any], RunConfig]]:
     for i, values in enumerate(draws(spec)):
         data = copy.deepcopy(base)
         for field, value in values.items():
-            _set_dotted(data, field, value)
+            set_dotted(data, field, value)
         data["name"] = trial_name(spec, i)
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
         try:
