@@ -260,9 +260,9 @@ class Population:
         return _Copy(adapter, copy.deepcopy(t.optimizer.state_dict()), copy.deepcopy(t.scheduler.state_dict()),
                      t.state(), dict(member.values))
 
-    def restore(self, member: Member, state: _Copy, values: dict[str, Any] | None = None) -> None:
+    def restore(self, member: Member, state: _Copy, values: dict[str, Any]) -> None:
         """`member` becomes the copy `state` (adapter, optimizer, scheduler, counters), with `values`
-        (default: the copy's) as its hyper-parameters."""
+        as its hyper-parameters."""
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, state.adapter, adapter_name=member.name)
@@ -271,7 +271,7 @@ class Population:
         t.scheduler.load_state_dict(copy.deepcopy(state.scheduler))
         t.step_count = int(state.counters["step"])
         t.position = int(state.counters["data_position"])
-        self.set_values(member, state.values if values is None else values)
+        self.set_values(member, values)
 
     def set_values(self, member: Member, values: dict[str, Any]) -> None:
         """New hyper-parameters for `member`: its run config, and the optimizer's learning rate."""

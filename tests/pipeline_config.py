@@ -1,8 +1,10 @@
-"""Run configs for pipeline tests: the tiny model, a few steps, outputs in a temp folder."""
+"""Run configs for pipeline tests (the tiny model, a few steps, outputs in a temp folder), and the
+Prefect artifacts a flow run left (`flow_artifacts`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from uuid import UUID
 
 from grpo.config import RunConfig, load_config
 
@@ -33,3 +35,18 @@ def tiny_config(tmp_path: Path, model_dir: Path, uri: str, name: str, *extra: st
         f"pipeline.registered_model=lora-{name}",
         *extra,
     ])
+
+
+def flow_artifacts(flow_run_id: str) -> dict[str, list]:
+    """The Prefect artifacts of a flow run, by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
+        )
+    out: dict[str, list] = {}
+    for a in found:
+        out.setdefault(a.key or "", []).append(a)
+    return out

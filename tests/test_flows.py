@@ -18,7 +18,7 @@ from uuid import UUID
 
 import pytest
 from mlflow import MlflowClient
-from pipeline_config import TINY, tiny_config
+from pipeline_config import TINY, flow_artifacts, tiny_config
 
 from grpo import tracking
 from grpo.checkpoint import checkpoint_ref
@@ -30,18 +30,6 @@ def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def flow_artifacts(flow_run_id: str) -> dict[str, list]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
-        )
-    out: dict[str, list] = {}
-    for a in found:
-        out.setdefault(a.key or "", []).append(a)
-    return out
 
 
 def task_runs(flow_run_id: str) -> dict[str, object]:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from uuid import UUID
 
 import pytest
 import yaml
 from mlflow import MlflowClient
-from pipeline_config import tiny_config
+from pipeline_config import flow_artifacts, tiny_config
 
 from grpo import tracking
 from grpo.errors import ConfigError, TrackingError
@@ -314,18 +313,6 @@ def _spec(tmp_path: Path, model_dir: Path, uri: str, name: str, **fields: object
     return build_sweep({"name": name, "base": base, "parameters": {LR: [1e-4, 3e-4]}, **fields})
 
 
-def _artifacts(flow_run_id: str) -> dict[str, list]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)]))
-        )
-    out: dict[str, list] = {}
-    for a in found:
-        out.setdefault(a.key or "", []).append(a)
-    return out
 
 
 def _parents(client: MlflowClient, experiment: str) -> list:
@@ -377,7 +364,7 @@ def test_grid_sweep_end_to_end(
     assert tracking.get_alias_version(mlflow_uri, "lora-swe2e", "champion") == best.best_version
     assert client.get_run(summary.parent_run_id).data.tags["sweep.promotion"] == f"promoted v{best.best_version}"
 
-    arts = _artifacts(summary.flow_run_id)
+    arts = flow_artifacts(summary.flow_run_id)
     assert {"grpo-sweep", "grpo-sweep-progress", "mlflow-run"} <= set(arts)
     table_md = arts["grpo-sweep"][0].data
     assert "swe2e-0" in table_md and "swe2e-1" in table_md and "promoted" in table_md
